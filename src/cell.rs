@@ -1,0 +1,239 @@
+//! Byte layouts of the two ciphertext kinds the engine moves around, and their field metadata.
+//!
+//! * A **cell** is one encrypted measure value as the engine sees it (Arrow `FixedSizeBinary`):
+//!   `key_id u64 | params u8 | limbs u8 | limb_bits u8 | scale i8 | row u64 | seed u128 x limbs |
+//!   body u64 x limbs`, little endian. `(seed, row)` names the mask: chunk `row / N` of the
+//!   AES-CTR stream seeded by `seed`, extracted at slot `row % N`. A cell is therefore an LWE
+//!   ciphertext in compressed form, decryptable on its own. On disk the engine keeps only the
+//!   8-byte bodies per value; seeds and rows are shared per column chunk (see `table::storage`).
+//! * A **sum** is what `he_sum` returns per group (Arrow `LargeBinary`): `"HSUM" | version u8 |
+//!   params u8 | limbs u8 | limb_bits u8 | scale i8 | key_id u64 | count u64 | body u64 x limbs |
+//!   mask u64 x (limbs * N)`: one uncompressed LWE ciphertext per limb plus the row count, so the
+//!   client can check the budget again before it trusts a decryption.
+
+use std::collections::HashMap;
+
+use crate::encoding::MeasureSpec;
+use crate::error::{HedfError, Result};
+use crate::keys::KeyId;
+use crate::params::{PARAMS_ID, POLYNOMIAL_SIZE};
+
+/// Field metadata key naming what a binary column holds: [`KIND_CELL`] or [`KIND_SUM`].
+pub const META_KIND: &str = "hedf.kind";
+pub const META_KEY_ID: &str = "hedf.key_id";
+pub const META_PARAMS: &str = "hedf.params";
+pub const META_SCALE: &str = "hedf.scale";
+pub const META_LIMBS: &str = "hedf.limbs";
+pub const META_LIMB_BITS: &str = "hedf.limb_bits";
+pub const META_LAYOUT: &str = "hedf.layout";
+pub const KIND_CELL: &str = "cell";
+pub const KIND_SUM: &str = "sum";
+/// Version of the byte layouts described in this module.
+pub const LAYOUT_VERSION: u8 = 1;
+
+const CELL_HEADER_LEN: usize = 20;
+const SUM_MAGIC: &[u8; 4] = b"HSUM";
+const SUM_HEADER_LEN: usize = 4 + 1 + 1 + 1 + 1 + 1 + 8 + 8;
+
+/// Everything public about an encrypted column: whose key, which parameters, which encoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColumnCrypto {
+    pub key_id: KeyId,
+    pub spec: MeasureSpec,
+}
+
+impl ColumnCrypto {
+    pub fn cell_width(&self) -> usize {
+        cell_width(self.spec.limbs)
+    }
+
+    pub fn sum_len(&self) -> usize {
+        SUM_HEADER_LEN + self.spec.limbs as usize * (8 + 8 * POLYNOMIAL_SIZE)
+    }
+
+    /// The 12 header bytes every cell of this column starts with.
+    pub(crate) fn header(&self) -> [u8; 12] {
+        let mut h = [0u8; 12];
+        h[..8].copy_from_slice(&self.key_id.0.to_le_bytes());
+        h[8] = PARAMS_ID;
+        h[9] = self.spec.limbs;
+        h[10] = self.spec.limb_bits;
+        h[11] = self.spec.scale as u8;
+        h
+    }
+
+    /// Field metadata marking a column of this crypto as `kind` (cell or sum).
+    pub fn metadata(&self, kind: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (META_KIND.to_string(), kind.to_string()),
+            (META_KEY_ID.to_string(), self.key_id.to_string()),
+            (META_PARAMS.to_string(), PARAMS_ID.to_string()),
+            (META_SCALE.to_string(), self.spec.scale.to_string()),
+            (META_LIMBS.to_string(), self.spec.limbs.to_string()),
+            (META_LIMB_BITS.to_string(), self.spec.limb_bits.to_string()),
+            (META_LAYOUT.to_string(), LAYOUT_VERSION.to_string()),
+        ])
+    }
+
+    /// Reads field metadata; `Ok(None)` for a plaintext column, an error for a broken marking.
+    pub fn from_metadata(meta: &HashMap<String, String>) -> Result<Option<(String, Self)>> {
+        let Some(kind) = meta.get(META_KIND) else { return Ok(None) };
+        let get = |k: &str| {
+            meta.get(k).ok_or_else(|| HedfError::Malformed(format!("field metadata lacks {k}")))
+        };
+        let num = |k: &str| -> Result<i64> {
+            get(k)?.parse().map_err(|_| HedfError::Malformed(format!("bad {k} in field metadata")))
+        };
+        if num(META_PARAMS)? != PARAMS_ID as i64 || num(META_LAYOUT)? != LAYOUT_VERSION as i64 {
+            return Err(HedfError::Malformed(
+                "column uses an unknown parameter set or layout version".into(),
+            ));
+        }
+        let spec = MeasureSpec {
+            scale: num(META_SCALE)? as i8,
+            limbs: num(META_LIMBS)? as u8,
+            limb_bits: num(META_LIMB_BITS)? as u8,
+        };
+        spec.validate()?;
+        let key_id = get(META_KEY_ID)?.parse()?;
+        Ok(Some((kind.clone(), ColumnCrypto { key_id, spec })))
+    }
+}
+
+pub fn cell_width(limbs: u8) -> usize {
+    CELL_HEADER_LEN + 24 * limbs as usize
+}
+
+/// Assembles a cell from its stored parts (`seeds`: 16 bytes a limb, `bodies`: 8 bytes a limb).
+pub(crate) fn assemble_cell(out: &mut [u8], header: &[u8; 12], row: u64, seeds: &[u8], bodies: &[u8]) {
+    out[..12].copy_from_slice(header);
+    out[12..20].copy_from_slice(&row.to_le_bytes());
+    out[20..20 + seeds.len()].copy_from_slice(seeds);
+    out[20 + seeds.len()..].copy_from_slice(bodies);
+}
+
+/// Writes a cell into `out` (exactly `cell_width` bytes).
+pub fn write_cell(out: &mut [u8], crypto: &ColumnCrypto, row: u64, seeds: &[u128], bodies: &[u64]) {
+    out[..12].copy_from_slice(&crypto.header());
+    out[12..20].copy_from_slice(&row.to_le_bytes());
+    let limbs = seeds.len();
+    for (l, seed) in seeds.iter().enumerate() {
+        out[20 + 16 * l..36 + 16 * l].copy_from_slice(&seed.to_le_bytes());
+    }
+    let base = 20 + 16 * limbs;
+    for (l, body) in bodies.iter().enumerate() {
+        out[base + 8 * l..base + 8 * l + 8].copy_from_slice(&body.to_le_bytes());
+    }
+}
+
+/// A borrowed, validated view of one cell.
+#[derive(Clone, Copy)]
+pub struct CellRef<'a> {
+    bytes: &'a [u8],
+    limbs: usize,
+}
+
+impl<'a> CellRef<'a> {
+    /// Checks the cell against the column it is supposed to belong to.
+    pub fn parse(bytes: &'a [u8], expect: &ColumnCrypto) -> Result<Self> {
+        if bytes.len() != expect.cell_width() {
+            return Err(HedfError::Malformed(format!(
+                "cell has {} bytes, expected {}",
+                bytes.len(),
+                expect.cell_width()
+            )));
+        }
+        if bytes[..12] != expect.header() {
+            let found = KeyId(u64::from_le_bytes(bytes[..8].try_into().unwrap()));
+            if found != expect.key_id {
+                return Err(HedfError::MixedKeys {
+                    first: expect.key_id.to_string(),
+                    second: found.to_string(),
+                });
+            }
+            return Err(HedfError::Malformed(
+                "cell header (parameters, limbs or scale) differs from its column's".into(),
+            ));
+        }
+        Ok(CellRef { bytes, limbs: expect.spec.limbs as usize })
+    }
+
+    pub fn row(&self) -> u64 {
+        u64::from_le_bytes(self.bytes[12..20].try_into().unwrap())
+    }
+
+    pub fn seed(&self, limb: usize) -> u128 {
+        u128::from_le_bytes(self.bytes[20 + 16 * limb..36 + 16 * limb].try_into().unwrap())
+    }
+
+    /// The seeds of all limbs, as stored (16 bytes each).
+    pub fn seed_bytes(&self) -> &'a [u8] {
+        &self.bytes[20..20 + 16 * self.limbs]
+    }
+
+    /// The bodies of all limbs, as stored (8 bytes each).
+    pub fn body_bytes(&self) -> &'a [u8] {
+        &self.bytes[20 + 16 * self.limbs..]
+    }
+
+    pub fn body(&self, limb: usize) -> u64 {
+        let at = 20 + 16 * self.limbs + 8 * limb;
+        u64::from_le_bytes(self.bytes[at..at + 8].try_into().unwrap())
+    }
+}
+
+/// Serialises one group's sum. `masks` holds `limbs * N` coefficients, limb-major.
+pub fn write_sum(crypto: &ColumnCrypto, count: u64, bodies: &[u64], masks: &[u64], out: &mut Vec<u8>) {
+    out.extend_from_slice(SUM_MAGIC);
+    out.push(LAYOUT_VERSION);
+    out.extend_from_slice(&crypto.header()[8..12]);
+    out.extend_from_slice(&crypto.key_id.0.to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
+    for b in bodies {
+        out.extend_from_slice(&b.to_le_bytes());
+    }
+    for m in masks {
+        out.extend_from_slice(&m.to_le_bytes());
+    }
+}
+
+/// A borrowed, validated view of one serialised sum.
+pub struct SumRef<'a> {
+    pub crypto: ColumnCrypto,
+    pub count: u64,
+    bytes: &'a [u8],
+}
+
+impl<'a> SumRef<'a> {
+    pub fn parse(bytes: &'a [u8]) -> Result<Self> {
+        let bad = |why: &str| HedfError::Malformed(format!("he_sum result: {why}"));
+        if bytes.len() < SUM_HEADER_LEN || &bytes[..4] != SUM_MAGIC {
+            return Err(bad("not a hedf sum"));
+        }
+        if bytes[4] != LAYOUT_VERSION || bytes[5] != PARAMS_ID {
+            return Err(bad("unknown layout version or parameter set"));
+        }
+        let spec = MeasureSpec { limbs: bytes[6], limb_bits: bytes[7], scale: bytes[8] as i8 };
+        spec.validate()?;
+        let key_id = KeyId(u64::from_le_bytes(bytes[9..17].try_into().unwrap()));
+        let count = u64::from_le_bytes(bytes[17..25].try_into().unwrap());
+        let crypto = ColumnCrypto { key_id, spec };
+        if bytes.len() != crypto.sum_len() {
+            return Err(bad(&format!("{} bytes, expected {}", bytes.len(), crypto.sum_len())));
+        }
+        Ok(SumRef { crypto, count, bytes })
+    }
+
+    pub fn body(&self, limb: usize) -> u64 {
+        let at = SUM_HEADER_LEN + 8 * limb;
+        u64::from_le_bytes(self.bytes[at..at + 8].try_into().unwrap())
+    }
+
+    /// The mask of `limb`, as N little-endian u64 coefficients.
+    pub fn mask(&self, limb: usize) -> impl Iterator<Item = u64> + 'a {
+        let start = SUM_HEADER_LEN + 8 * self.crypto.spec.limbs as usize + 8 * POLYNOMIAL_SIZE * limb;
+        self.bytes[start..start + 8 * POLYNOMIAL_SIZE]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+    }
+}

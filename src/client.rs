@@ -1,0 +1,396 @@
+//! Client-side encryption and decryption of Arrow data. Depends on tfhe and arrow only.
+//!
+//! [`Encryptor`] turns plaintext batches into encrypted ones: dimension columns pass through,
+//! measure columns become cells (see [`crate::cell`]). [`decrypt_batch`] turns any result batch
+//! back into plaintext: he_sum results and raw cells become `Decimal128(38, scale)`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, Decimal128Array, FixedSizeBinaryArray, LargeBinaryArray,
+};
+use arrow::buffer::{Buffer, NullBuffer};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use rayon::prelude::*;
+use tfhe::core_crypto::prelude::*;
+use tfhe::core_crypto::seeders::new_seeder;
+
+use crate::cell::{write_cell, CellRef, ColumnCrypto, SumRef, KIND_CELL, KIND_SUM};
+use crate::encoding::{parse_decimal, MeasureSpec, MAX_PRECISION};
+use crate::error::{HedfError, Result};
+use crate::keys::{ClientKey, KeyId};
+use crate::mask::{chunk_compression_seed, MaskGenerator};
+use crate::params::{GLWE_DIMENSION, LOG2_DELTA, NOISE_STD_DEV, PLAINTEXT_BITS, POLYNOMIAL_SIZE};
+
+/// A measure column to encrypt: its name, decimal scale and (optionally) declared precision.
+#[derive(Clone, Debug)]
+pub struct MeasureColumn {
+    pub name: String,
+    pub scale: i8,
+    /// Digits of DECIMAL(precision, scale). `None` infers it from the data: the digit count of
+    /// the largest |value|, which the server then learns as it would learn a declared type.
+    pub precision: Option<u8>,
+}
+
+impl MeasureColumn {
+    pub fn new(name: impl Into<String>, scale: i8) -> Self {
+        MeasureColumn { name: name.into(), scale, precision: None }
+    }
+
+    pub fn with_precision(mut self, precision: u8) -> Self {
+        self.precision = Some(precision);
+        self
+    }
+}
+
+enum Plan {
+    Plain,
+    Measure { crypto: ColumnCrypto, seeds: Vec<u128> },
+}
+
+/// Encrypts a stream of batches of one schema as one segment (one fresh seed per measure limb).
+pub struct Encryptor<'k> {
+    key: &'k ClientKey,
+    schema: SchemaRef,
+    plans: Vec<Plan>,
+    next_chunk: u64,
+}
+
+impl<'k> Encryptor<'k> {
+    /// `measures` must all have a precision; see [`encrypt_batches`] to infer it from data.
+    pub fn new(key: &'k ClientKey, input: &Schema, measures: &[MeasureColumn]) -> Result<Self> {
+        let mut seeder = new_seeder();
+        let mut plans: Vec<Plan> = input.fields().iter().map(|_| Plan::Plain).collect();
+        let mut fields: Vec<Field> = input.fields().iter().map(|f| f.as_ref().clone()).collect();
+        for m in measures {
+            let (idx, field) = input.column_with_name(&m.name).ok_or_else(|| {
+                HedfError::Invalid(format!(
+                    "no column {:?} to encrypt; the input has {:?}",
+                    m.name,
+                    input.fields().iter().map(|f| f.name()).collect::<Vec<_>>()
+                ))
+            })?;
+            let precision = m.precision.ok_or_else(|| {
+                HedfError::Invalid(format!("column {:?} needs a declared precision", m.name))
+            })?;
+            let crypto =
+                ColumnCrypto { key_id: key.id(), spec: MeasureSpec::for_precision(precision, m.scale)? };
+            let seeds = (0..crypto.spec.limbs).map(|_| seeder.seed().0).collect();
+            fields[idx] = Field::new(
+                field.name(),
+                DataType::FixedSizeBinary(crypto.cell_width() as i32),
+                true,
+            )
+            .with_metadata(crypto.metadata(KIND_CELL));
+            plans[idx] = Plan::Measure { crypto, seeds };
+        }
+        Ok(Encryptor { key, schema: Arc::new(Schema::new(fields)), plans, next_chunk: 0 })
+    }
+
+    /// The encrypted batches' schema: measures as marked `FixedSizeBinary` cell columns.
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// Encrypts one batch. Each batch starts at a fresh chunk so no mask is ever reused.
+    pub fn encrypt(&mut self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let first_chunk = self.next_chunk;
+        let mut columns = Vec::with_capacity(batch.num_columns());
+        for (idx, plan) in self.plans.iter().enumerate() {
+            let column = batch.column(idx);
+            columns.push(match plan {
+                Plan::Plain => column.clone(),
+                Plan::Measure { crypto, seeds } => {
+                    let name = self.schema.field(idx).name();
+                    let values = fixed_point_values(column, crypto.spec.scale, name)?;
+                    if let Some(row) = values.iter().position(|v| v.is_some_and(|v| v.abs() > crypto.spec.max_abs())) {
+                        return Err(HedfError::Encoding {
+                            column: name.clone(),
+                            row,
+                            why: format!("|value| exceeds the declared precision (max {} in fixed point)", crypto.spec.max_abs()),
+                        });
+                    }
+                    Arc::new(encrypt_column(self.key, crypto, seeds, &values, first_chunk)) as ArrayRef
+                }
+            });
+        }
+        self.next_chunk += batch.num_rows().div_ceil(POLYNOMIAL_SIZE) as u64;
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+}
+
+/// Encrypts in-memory batches, inferring undeclared precisions from the data first.
+pub fn encrypt_batches(
+    key: &ClientKey,
+    batches: &[RecordBatch],
+    measures: &[MeasureColumn],
+) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+    let schema = batches
+        .first()
+        .map(|b| b.schema())
+        .ok_or_else(|| HedfError::Invalid("nothing to encrypt: no batches".into()))?;
+    let mut resolved = measures.to_vec();
+    for m in resolved.iter_mut().filter(|m| m.precision.is_none()) {
+        let idx = schema.index_of(&m.name).map_err(|_| {
+            HedfError::Invalid(format!("no column {:?} to encrypt", m.name))
+        })?;
+        let mut max = 0i64;
+        for batch in batches {
+            let values = fixed_point_values(batch.column(idx), m.scale, &m.name)?;
+            max = values.iter().flatten().fold(max, |acc, v| acc.max(v.unsigned_abs().min(i64::MAX as u64) as i64));
+        }
+        let digits = max.checked_ilog10().map_or(1, |d| d + 1) as u8;
+        m.precision = Some(digits.max(m.scale as u8).max(1).min(MAX_PRECISION));
+    }
+    let mut encryptor = Encryptor::new(key, &schema, &resolved)?;
+    let out = batches.iter().map(|b| encryptor.encrypt(b)).collect::<Result<_>>()?;
+    Ok((encryptor.schema(), out))
+}
+
+/// Converts a numeric or decimal-string column to exact fixed-point integers.
+fn fixed_point_values(array: &ArrayRef, scale: i8, column: &str) -> Result<Vec<Option<i64>>> {
+    let err = |row: usize, why: String| HedfError::Encoding { column: column.to_string(), row, why };
+    let factor = 10i64.pow(scale as u32);
+    let from_text = |row: usize, text: Option<&str>| -> Result<Option<i64>> {
+        match text.map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(t) => parse_decimal(t, scale).map(Some).map_err(|why| err(row, why)),
+        }
+    };
+    match array.data_type() {
+        DataType::Utf8 => array.as_string::<i32>().iter().enumerate().map(|(r, t)| from_text(r, t)).collect(),
+        DataType::LargeUtf8 => array.as_string::<i64>().iter().enumerate().map(|(r, t)| from_text(r, t)).collect(),
+        DataType::Utf8View => array.as_string_view().iter().enumerate().map(|(r, t)| from_text(r, t)).collect(),
+        // Shortest round-trip text of a float is the decimal a person wrote; parse that exactly.
+        DataType::Float16 | DataType::Float32 | DataType::Float64 => {
+            let floats = arrow::compute::cast(array, &DataType::Float64)?;
+            floats
+                .as_primitive::<arrow::datatypes::Float64Type>()
+                .iter()
+                .enumerate()
+                .map(|(r, v)| match v {
+                    None => Ok(None),
+                    Some(v) if !v.is_finite() => Err(err(r, format!("{v} is not a finite number"))),
+                    Some(v) => from_text(r, Some(&v.to_string())),
+                })
+                .collect()
+        }
+        DataType::Decimal128(_, s) => {
+            let s = *s;
+            array
+                .as_primitive::<arrow::datatypes::Decimal128Type>()
+                .iter()
+                .enumerate()
+                .map(|(r, v)| {
+                    let Some(v) = v else { return Ok(None) };
+                    let scaled = if s <= scale {
+                        v.checked_mul(10i128.pow((scale - s) as u32))
+                    } else {
+                        let div = 10i128.pow((s - scale) as u32);
+                        if v % div != 0 {
+                            return Err(err(r, format!("has more than {scale} decimal places")));
+                        }
+                        Some(v / div)
+                    };
+                    scaled
+                        .and_then(|x| i64::try_from(x).ok())
+                        .map(Some)
+                        .ok_or_else(|| err(r, "out of the i64 fixed-point range".into()))
+                })
+                .collect()
+        }
+        t if t.is_integer() => {
+            let ints = arrow::compute::cast(array, &DataType::Int64)
+                .map_err(|_| err(0, format!("{t} values do not fit i64")))?;
+            ints.as_primitive::<Int64Type>()
+                .iter()
+                .enumerate()
+                .map(|(r, v)| match v {
+                    None => Ok(None),
+                    Some(v) => v.checked_mul(factor).map(Some).ok_or_else(|| err(r, "out of the i64 fixed-point range".into())),
+                })
+                .collect()
+        }
+        t => Err(HedfError::Invalid(format!("column {column:?} of type {t} cannot be a measure"))),
+    }
+}
+
+/// Encrypts one column: per limb, each chunk of N rows is one seeded GLWE ciphertext.
+fn encrypt_column(
+    key: &ClientKey,
+    crypto: &ColumnCrypto,
+    seeds: &[u128],
+    values: &[Option<i64>],
+    first_chunk: u64,
+) -> FixedSizeBinaryArray {
+    let limbs = crypto.spec.limbs as usize;
+    let mut limb_values = vec![0i64; values.len() * limbs];
+    for (v, out) in values.iter().zip(limb_values.chunks_exact_mut(limbs)) {
+        crypto.spec.split(v.unwrap_or(0), out);
+    }
+    let noise = DynamicDistribution::new_gaussian_from_std_dev(StandardDev(NOISE_STD_DEV));
+    let mut bodies = vec![0u64; values.len() * limbs];
+    for (limb, &seed) in seeds.iter().enumerate() {
+        let mut limb_bodies = vec![0u64; values.len()];
+        limb_bodies.par_chunks_mut(POLYNOMIAL_SIZE).enumerate().for_each(|(c, out)| {
+            let mut plaintexts = PlaintextList::new(0u64, PlaintextCount(POLYNOMIAL_SIZE));
+            for (j, p) in plaintexts.as_mut().iter_mut().take(out.len()).enumerate() {
+                let v = limb_values[(c * POLYNOMIAL_SIZE + j) * limbs + limb];
+                *p = (v as u64).wrapping_shl(LOG2_DELTA);
+            }
+            let mut ct = SeededGlweCiphertext::new(
+                0u64,
+                GlweSize(GLWE_DIMENSION + 1),
+                PolynomialSize(POLYNOMIAL_SIZE),
+                chunk_compression_seed(seed, first_chunk + c as u64),
+                CiphertextModulus::new_native(),
+            );
+            encrypt_seeded_glwe_ciphertext(key.glwe(), &mut ct, &plaintexts, noise, &mut *new_seeder());
+            out.copy_from_slice(&ct.as_ref()[..out.len()]);
+        });
+        for (r, b) in limb_bodies.into_iter().enumerate() {
+            bodies[r * limbs + limb] = b;
+        }
+    }
+    let width = crypto.cell_width();
+    let mut bytes = vec![0u8; values.len() * width];
+    for (r, cell) in bytes.chunks_exact_mut(width).enumerate() {
+        let row = (first_chunk as usize * POLYNOMIAL_SIZE + r) as u64;
+        write_cell(cell, crypto, row, seeds, &bodies[r * limbs..(r + 1) * limbs]);
+    }
+    let nulls = NullBuffer::from_iter(values.iter().map(Option::is_some));
+    let nulls = (nulls.null_count() > 0).then_some(nulls);
+    FixedSizeBinaryArray::new(width as i32, Buffer::from_vec(bytes), nulls)
+}
+
+/// Rounds a phase to the nearest multiple of delta and reads it as a signed plaintext.
+fn decode(phase: u64) -> i64 {
+    let rounded = phase.wrapping_add(1 << (LOG2_DELTA - 1)) >> LOG2_DELTA;
+    ((rounded << (64 - PLAINTEXT_BITS)) as i64) >> (64 - PLAINTEXT_BITS)
+}
+
+fn check_key(key: &ClientKey, found: KeyId, what: &str) -> Result<()> {
+    if found == key.id() {
+        Ok(())
+    } else {
+        Err(HedfError::KeyMismatch { what: what.into(), found: found.to_string(), loaded: key.id().to_string() })
+    }
+}
+
+/// Decrypts one serialised he_sum result to its exact fixed-point total.
+pub fn decrypt_sum(key: &ClientKey, bytes: &[u8], column: &str) -> Result<i128> {
+    let sum = SumRef::parse(bytes)?;
+    check_key(key, sum.crypto.key_id, &format!("column {column:?}"))?;
+    let spec = sum.crypto.spec;
+    // The server checks this too; the client does not trust it to.
+    if sum.count > spec.max_rows() {
+        return Err(HedfError::BudgetExceeded {
+            column: column.into(),
+            rows: sum.count,
+            max_rows: spec.max_rows(),
+            why: spec.budget_reason(),
+        });
+    }
+    let lwe_key = key.glwe().as_lwe_secret_key();
+    let mut buffer = vec![0u64; POLYNOMIAL_SIZE + 1];
+    let mut limb_sums = [0i64; 3];
+    for (limb, out) in limb_sums.iter_mut().enumerate().take(spec.limbs as usize) {
+        for (b, m) in buffer.iter_mut().zip(sum.mask(limb)) {
+            *b = m;
+        }
+        buffer[POLYNOMIAL_SIZE] = sum.body(limb);
+        let ct = LweCiphertext::from_container(buffer.as_slice(), CiphertextModulus::new_native());
+        *out = decode(decrypt_lwe_ciphertext(&lwe_key, &ct).0);
+    }
+    Ok(spec.join(&limb_sums[..spec.limbs as usize]))
+}
+
+/// Decrypts single cells, regenerating each chunk's mask once.
+struct CellDecryptor<'k> {
+    key: &'k ClientKey,
+    masks: MaskGenerator,
+    chunk: Option<(u128, u64)>,
+    glwe: GlweCiphertextOwned<u64>,
+    lwe: LweCiphertextOwned<u64>,
+}
+
+impl<'k> CellDecryptor<'k> {
+    fn new(key: &'k ClientKey) -> Self {
+        let size = PolynomialSize(POLYNOMIAL_SIZE);
+        CellDecryptor {
+            key,
+            masks: MaskGenerator::default(),
+            chunk: None,
+            glwe: GlweCiphertext::new(0, GlweSize(GLWE_DIMENSION + 1), size, CiphertextModulus::new_native()),
+            lwe: LweCiphertext::new(0, LweSize(POLYNOMIAL_SIZE + 1), CiphertextModulus::new_native()),
+        }
+    }
+
+    fn limb(&mut self, seed: u128, row: u64, body: u64) -> i64 {
+        let chunk = row / POLYNOMIAL_SIZE as u64;
+        let slot = (row % POLYNOMIAL_SIZE as u64) as usize;
+        if self.chunk != Some((seed, chunk)) {
+            let mask = self.masks.generate(seed, chunk).to_vec();
+            self.glwe.get_mut_mask().as_mut().copy_from_slice(&mask);
+            self.chunk = Some((seed, chunk));
+        }
+        self.glwe.get_mut_body().as_mut()[slot] = body;
+        extract_lwe_sample_from_glwe_ciphertext(&self.glwe, &mut self.lwe, MonomialDegree(slot));
+        decode(decrypt_lwe_ciphertext(&self.key.glwe().as_lwe_secret_key(), &self.lwe).0)
+    }
+}
+
+/// Decrypts every hedf column of a result batch (sums and cells) into `Decimal128(38, scale)`;
+/// plaintext columns pass through.
+pub fn decrypt_batch(key: &ClientKey, batch: &RecordBatch) -> Result<RecordBatch> {
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        let Some((kind, crypto)) = ColumnCrypto::from_metadata(field.metadata())? else {
+            fields.push(field.as_ref().clone());
+            columns.push(column.clone());
+            continue;
+        };
+        check_key(key, crypto.key_id, &format!("column {:?}", field.name()))?;
+        let scale = crypto.spec.scale;
+        let values: Decimal128Array = match (kind.as_str(), column.data_type()) {
+            (KIND_SUM, DataType::LargeBinary) => column
+                .as_any()
+                .downcast_ref::<LargeBinaryArray>()
+                .expect("type checked")
+                .iter()
+                .map(|v| v.map(|bytes| decrypt_sum(key, bytes, field.name())).transpose())
+                .collect::<Result<_>>()?,
+            (KIND_CELL, DataType::FixedSizeBinary(_)) => {
+                let mut dec = CellDecryptor::new(key);
+                column
+                    .as_fixed_size_binary()
+                    .iter()
+                    .map(|v| {
+                        v.map(|bytes| {
+                            let cell = CellRef::parse(bytes, &crypto)?;
+                            let limbs: Vec<i64> = (0..crypto.spec.limbs as usize)
+                                .map(|l| dec.limb(cell.seed(l), cell.row(), cell.body(l)))
+                                .collect();
+                            Ok(crypto.spec.join(&limbs))
+                        })
+                        .transpose()
+                    })
+                    .collect::<Result<_>>()?
+            }
+            (kind, t) => {
+                return Err(HedfError::Malformed(format!(
+                    "column {:?} is marked {kind} but has type {t}",
+                    field.name()
+                )))
+            }
+        };
+        let values = values.with_precision_and_scale(38, scale)?;
+        fields.push(Field::new(field.name(), values.data_type().clone(), true));
+        columns.push(Arc::new(values) as ArrayRef);
+    }
+    let metadata: HashMap<String, String> = batch.schema().metadata().clone();
+    Ok(RecordBatch::try_new(Arc::new(Schema::new_with_metadata(fields, metadata)), columns)?)
+}

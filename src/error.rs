@@ -1,0 +1,46 @@
+//! The crate's one error type. The engine converts it to `DataFusionError` at its boundary.
+
+/// Everything that can go wrong in hedf, each with a message a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum HedfError {
+    #[error("key mismatch: {what} was encrypted with key id {found}; the loaded key is {loaded}")]
+    KeyMismatch { what: String, found: String, loaded: String },
+    #[error("mixed keys: he_sum got ciphertexts of key ids {first} and {second}; a sum needs one key")]
+    MixedKeys { first: String, second: String },
+    #[error("malformed ciphertext: {0}")]
+    Malformed(String),
+    #[error(
+        "sum budget exceeded for {column}: a group has {rows} rows but this column's ciphertexts \
+         decrypt exactly only up to {max_rows} rows per sum ({why}); split the query (e.g. finer \
+         GROUP BY or WHERE) or re-encrypt the column with a wider declared precision"
+    )]
+    BudgetExceeded { column: String, rows: u64, max_rows: u64, why: String },
+    #[error("value out of range in column {column}, row {row}: {why}")]
+    Encoding { column: String, row: usize, why: String },
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    #[error("invalid key file: {0}")]
+    KeyFile(String),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("Arrow error: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[cfg(feature = "engine")]
+    #[error("Parquet error: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[cfg(feature = "engine")]
+    #[error(transparent)]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+}
+
+pub type Result<T, E = HedfError> = std::result::Result<T, E>;
+
+#[cfg(feature = "engine")]
+impl From<HedfError> for datafusion::error::DataFusionError {
+    fn from(e: HedfError) -> Self {
+        match e {
+            HedfError::DataFusion(e) => e,
+            other => datafusion::error::DataFusionError::External(Box::new(other)),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! An analyzer rule that refuses plans which would treat ciphertexts as plaintext.
+//!
+//! DataFusion would happily compare, sort, group, hash or compute on the cell and sum bytes and
+//! return meaningless answers. An encrypted column may only be selected as it is, summed with
+//! `he_sum` or counted; anything else is a planning error that says so.
+
+use std::collections::HashSet;
+
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{plan_err, Column, DFSchema};
+use datafusion::config::ConfigOptions;
+use datafusion::error::Result;
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::{Distinct, Expr, LogicalPlan};
+use datafusion::optimizer::AnalyzerRule;
+
+use crate::cell::META_KIND;
+use crate::udaf::HE_SUM;
+
+#[derive(Debug, Default)]
+pub struct CiphertextGuard;
+
+impl AnalyzerRule for CiphertextGuard {
+    fn analyze(&self, plan: LogicalPlan, _config: &ConfigOptions) -> Result<LogicalPlan> {
+        plan.apply_with_subqueries(|node| {
+            check_node(node)?;
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        Ok(plan)
+    }
+
+    fn name(&self) -> &str {
+        "hedf_ciphertext_guard"
+    }
+}
+
+fn encrypted_columns(schemas: &[&DFSchema]) -> HashSet<Column> {
+    schemas
+        .iter()
+        .flat_map(|s| s.iter())
+        .filter(|(_, field)| field.metadata().contains_key(META_KIND))
+        .map(|(qualifier, field)| Column::new(qualifier.cloned(), field.name()))
+        .collect()
+}
+
+fn check_node(node: &LogicalPlan) -> Result<()> {
+    let inputs: Vec<&DFSchema> = node.inputs().iter().map(|p| p.schema().as_ref()).collect();
+    let encrypted = encrypted_columns(&inputs);
+    if encrypted.is_empty() {
+        return Ok(());
+    }
+    match node {
+        LogicalPlan::Projection(p) => {
+            p.expr.iter().filter(|e| !is_bare_column(e)).try_for_each(|e| refuse_use(e, &encrypted, "computed on"))
+        }
+        LogicalPlan::Aggregate(a) => {
+            a.group_expr.iter().try_for_each(|e| refuse_use(e, &encrypted, "grouped by"))?;
+            for e in &a.aggr_expr {
+                if let Expr::AggregateFunction(f) = e.clone().unalias_nested().data {
+                    if let Some(filter) = &f.params.filter {
+                        refuse_use(filter, &encrypted, "compared in a FILTER clause")?;
+                    }
+                }
+                if !is_allowed_aggregate(e) {
+                    refuse_use(e, &encrypted, "aggregated with")?;
+                }
+            }
+            Ok(())
+        }
+        LogicalPlan::Distinct(Distinct::All(_)) => match encrypted.iter().next() {
+            Some(col) => plan_err!("{} is encrypted: DISTINCT would compare ciphertexts", col.name),
+            None => Ok(()),
+        },
+        LogicalPlan::Sort(_) => node.expressions().iter().try_for_each(|e| refuse_use(e, &encrypted, "ordered by")),
+        LogicalPlan::Filter(_) => node.expressions().iter().try_for_each(|e| refuse_use(e, &encrypted, "compared in a filter")),
+        LogicalPlan::Join(_) => node.expressions().iter().try_for_each(|e| refuse_use(e, &encrypted, "joined on")),
+        _ => node.expressions().iter().try_for_each(|e| refuse_use(e, &encrypted, "used in")),
+    }
+}
+
+fn is_bare_column(e: &Expr) -> bool {
+    matches!(e.clone().unalias_nested().data, Expr::Column(_))
+}
+
+/// he_sum(col) or COUNT(col), without DISTINCT or ORDER BY (both compare values).
+fn is_allowed_aggregate(e: &Expr) -> bool {
+    match e.clone().unalias_nested().data {
+        Expr::AggregateFunction(AggregateFunction { func, params }) => {
+            let name = func.name();
+            (name == HE_SUM || name == "count")
+                && !params.distinct
+                && params.order_by.is_empty()
+                && params.args.iter().all(|a| is_bare_column(a) || matches!(a, Expr::Literal(..)))
+        }
+        _ => false,
+    }
+}
+
+fn refuse_use(e: &Expr, encrypted: &HashSet<Column>, how: &str) -> Result<()> {
+    match e.column_refs().into_iter().find(|c| encrypted.contains(*c)) {
+        Some(col) => plan_err!(
+            "{} is encrypted and cannot be {how} on the server; encrypted columns can only be \
+             selected, summed with he_sum(...) or counted",
+            col.name
+        ),
+        None => Ok(()),
+    }
+}

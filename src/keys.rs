@@ -1,0 +1,183 @@
+//! Client key material: the GLWE secret key and its public key id.
+//!
+//! Only the data owner's client holds a [`ClientKey`]. The server side of hedf (table provider,
+//! he_sum) never takes one: it sees key ids, seeds and ciphertexts only.
+
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+
+use tfhe::core_crypto::commons::generators::SecretRandomGenerator;
+use tfhe::core_crypto::prelude::*;
+use tfhe::core_crypto::seeders::new_seeder;
+
+use crate::error::{HedfError, Result};
+use crate::params::{GLWE_DIMENSION, PARAMS_ID, POLYNOMIAL_SIZE};
+
+/// Public identifier of a client key, carried by every ciphertext so keys are never mixed.
+/// Random, so it says nothing about the key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct KeyId(pub u64);
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl std::str::FromStr for KeyId {
+    type Err = HedfError;
+    fn from_str(s: &str) -> Result<Self> {
+        u64::from_str_radix(s, 16)
+            .map(KeyId)
+            .map_err(|_| HedfError::Invalid(format!("bad key id {s:?}")))
+    }
+}
+
+/// The secret key that encrypts measures and decrypts sums.
+pub struct ClientKey {
+    id: KeyId,
+    secret: GlweSecretKeyOwned<u64>,
+}
+
+impl fmt::Debug for ClientKey {
+    // Never print secret material, even in debug output.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientKey").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+const MAGIC: &[u8; 8] = b"HEDFKEY\0";
+const FORMAT_VERSION: u8 = 1;
+const HEADER_LEN: usize = 8 + 1 + 1 + 8 + 4;
+
+impl ClientKey {
+    /// A fresh binary GLWE secret key from tfhe's secret generator, seeded by tfhe's seeder
+    /// (rdseed or the OS entropy source).
+    pub fn generate() -> Self {
+        let mut seeder = new_seeder();
+        let mut generator = SecretRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
+        let secret = allocate_and_generate_new_binary_glwe_secret_key(
+            GlweDimension(GLWE_DIMENSION),
+            PolynomialSize(POLYNOMIAL_SIZE),
+            &mut generator,
+        );
+        let id = KeyId(seeder.seed().0 as u64);
+        ClientKey { id, secret }
+    }
+
+    pub fn id(&self) -> KeyId {
+        self.id
+    }
+
+    pub(crate) fn glwe(&self) -> &GlweSecretKeyOwned<u64> {
+        &self.secret
+    }
+
+    /// The key's coefficients (0 or 1), as decryption uses them.
+    pub(crate) fn bits(&self) -> &[u64] {
+        self.secret.as_ref()
+    }
+
+    /// Serialises the key: magic, version, parameter id, key id, N, then one bit per coefficient.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let bits = self.bits();
+        let mut out = Vec::with_capacity(HEADER_LEN + bits.len() / 8);
+        out.extend_from_slice(MAGIC);
+        out.push(FORMAT_VERSION);
+        out.push(PARAMS_ID);
+        out.extend_from_slice(&self.id.0.to_le_bytes());
+        out.extend_from_slice(&(bits.len() as u32).to_le_bytes());
+        for byte in bits.chunks(8) {
+            out.push(byte.iter().enumerate().fold(0u8, |acc, (i, &b)| acc | ((b as u8) << i)));
+        }
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let bad = |why: &str| HedfError::KeyFile(why.to_string());
+        if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
+            return Err(bad("not a hedf key file"));
+        }
+        if bytes[8] != FORMAT_VERSION {
+            return Err(bad(&format!("unsupported key format version {}", bytes[8])));
+        }
+        if bytes[9] != PARAMS_ID {
+            return Err(bad(&format!("unknown parameter set id {}", bytes[9])));
+        }
+        let id = KeyId(u64::from_le_bytes(bytes[10..18].try_into().unwrap()));
+        let n = u32::from_le_bytes(bytes[18..22].try_into().unwrap()) as usize;
+        if n != POLYNOMIAL_SIZE * GLWE_DIMENSION || bytes.len() != HEADER_LEN + n / 8 {
+            return Err(bad("key length does not match the parameter set"));
+        }
+        let coefficients: Vec<u64> = bytes[HEADER_LEN..]
+            .iter()
+            .flat_map(|byte| (0..8).map(move |i| u64::from((byte >> i) & 1)))
+            .collect();
+        let secret = GlweSecretKeyOwned::from_container(coefficients, PolynomialSize(POLYNOMIAL_SIZE));
+        Ok(ClientKey { id, secret })
+    }
+
+    /// Writes the key file with mode 0600; refuses to replace an existing file unless `force`.
+    pub fn save(&self, path: &Path, force: bool) -> Result<()> {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true);
+        if force {
+            options.create(true).truncate(true);
+        } else {
+            options.create_new(true);
+        }
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => HedfError::KeyFile(format!(
+                "{} exists; pass --force to overwrite it",
+                path.display()
+            )),
+            _ => HedfError::Io(e),
+        })?;
+        file.write_all(&self.to_bytes())?;
+        file.sync_all()?;
+        Ok(())
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::from_bytes(&std::fs::read(path)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_file_round_trips_and_rejects_garbage() {
+        let key = ClientKey::generate();
+        let bytes = key.to_bytes();
+        assert_eq!(bytes.len(), HEADER_LEN + POLYNOMIAL_SIZE / 8);
+        let back = ClientKey::from_bytes(&bytes).unwrap();
+        assert_eq!(back.id(), key.id());
+        assert_eq!(back.bits(), key.bits());
+        assert!(key.bits().iter().all(|&b| b <= 1));
+        assert!(ClientKey::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+        let mut wrong = bytes.clone();
+        wrong[9] = 99;
+        assert!(ClientKey::from_bytes(&wrong).unwrap_err().to_string().contains("parameter set"));
+        assert!(!format!("{key:?}").contains("secret"));
+    }
+
+    #[test]
+    fn save_refuses_to_overwrite_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.key");
+        let key = ClientKey::generate();
+        key.save(&path, false).unwrap();
+        assert!(ClientKey::generate().save(&path, false).unwrap_err().to_string().contains("--force"));
+        ClientKey::generate().save(&path, true).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! hedf: SQL over tables whose measures are homomorphically encrypted.
+//!
+//! Architecture, client to server:
+//!
+//! * Client side (tfhe + arrow only, no engine): [`keys`] holds the secret key, [`encoding`]
+//!   turns decimals into fixed-point limbs, [`client`] encrypts Arrow batches into cell columns
+//!   and decrypts results. [`params`] names the tfhe parameter set and derives the exact-sum
+//!   budget; [`cell`] defines the byte layouts; [`mask`] regenerates public masks from seeds.
+//! * Server side (feature `engine`, DataFusion): [`table`] stores encrypted tables as Parquet
+//!   and serves them as a `TableProvider`; [`udaf`] is `he_sum`, adding ciphertexts without any
+//!   key; [`guard`] refuses plans that would compare or compute on ciphertext; [`session`]
+//!   builds a `SessionContext` with both. [`demo`] replays the original prototype's demo.
+//!
+//! The scheme is additive GLWE from `tfhe::core_crypto`: a chunk of N = 4096 values of a column
+//! is one seeded GLWE ciphertext; a row's cell is the LWE sample extracted at its slot, stored
+//! as its 8-byte body (mask regenerated from the chunk's seed). A sum is an LWE ciphertext.
+
+pub mod cell;
+pub mod client;
+pub mod encoding;
+pub mod error;
+pub mod keys;
+pub mod mask;
+pub mod params;
+
+#[cfg(feature = "engine")]
+pub mod demo;
+#[cfg(feature = "engine")]
+pub mod guard;
+#[cfg(feature = "engine")]
+pub mod session;
+#[cfg(feature = "engine")]
+pub mod table;
+#[cfg(feature = "engine")]
+pub mod udaf;
+
+pub use error::{HedfError, Result};

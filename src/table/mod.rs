@@ -1,0 +1,143 @@
+//! `EncryptedTable`: a DataFusion `TableProvider` over a folder of encrypted Parquet files.
+//!
+//! Plaintext dimension columns are ordinary Parquet columns, so DataFusion prunes and filters
+//! them as usual; measure columns are stored compactly (see [`storage`]) and re-assembled into
+//! cells on the fly by `CellAssembleExec`, one batch at a time. The provider holds no key.
+
+mod exec;
+pub(crate) mod storage;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use datafusion::catalog::Session;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::error::Result as DfResult;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_plan::ExecutionPlan;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use crate::error::{HedfError, Result};
+use crate::keys::KeyId;
+use exec::{CellAssembleExec, OutColumn};
+use storage::{ColumnLayout, StorageLayout};
+
+/// An encrypted table stored as Parquet files in one folder.
+#[derive(Debug)]
+pub struct EncryptedTable {
+    dir: PathBuf,
+    layout: Arc<StorageLayout>,
+    files: ListingTable,
+}
+
+impl EncryptedTable {
+    /// Creates the table folder and writes `batches` (encrypted, see [`crate::client::Encryptor`])
+    /// as its first file. Fails if the folder already holds a table.
+    pub fn create(dir: &Path, schema: SchemaRef, batches: &[RecordBatch]) -> Result<Self> {
+        let layout = StorageLayout::from_engine(&schema)?;
+        std::fs::create_dir_all(dir)?;
+        if data_files(dir)?.next().is_some() {
+            return Err(HedfError::Invalid(format!("a table already exists in {}", dir.display())));
+        }
+        layout.write_parquet(&dir.join("part-00000.parquet"), batches.iter().cloned().map(Ok))?;
+        Self::open(dir)
+    }
+
+    /// Opens a table folder written by [`Self::create`].
+    pub fn open(dir: &Path) -> Result<Self> {
+        let first = data_files(dir)?
+            .next()
+            .ok_or_else(|| HedfError::Invalid(format!("no table in {}", dir.display())))?;
+        let stored = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(first)?)?.schema().clone();
+        let layout = Arc::new(StorageLayout::from_storage(&stored)?);
+        let url = ListingTableUrl::parse(format!("{}/", dir.canonicalize()?.display()))?;
+        let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(layout.storage.clone());
+        Ok(EncryptedTable { dir: dir.to_path_buf(), files: ListingTable::try_new(config)?, layout })
+    }
+
+    /// The key id every encrypted column of this table carries.
+    pub fn key_id(&self) -> Option<KeyId> {
+        self.layout.key_id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+fn data_files(dir: &Path) -> Result<impl Iterator<Item = PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    files.sort();
+    Ok(files.into_iter())
+}
+
+#[async_trait]
+impl TableProvider for EncryptedTable {
+    fn schema(&self) -> SchemaRef {
+        self.layout.engine.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    /// Filters on plaintext columns go to the Parquet scan (row-group pruning); DataFusion
+    /// re-applies them. Filters touching ciphertext never reach here (see `guard`).
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        Ok(filters
+            .iter()
+            .map(|f| {
+                let plain = f.column_refs().iter().all(|c| {
+                    self.layout.engine.index_of(&c.name).is_ok_and(|i| matches!(self.layout.columns[i], ColumnLayout::Plain { .. }))
+                });
+                if plain {
+                    TableProviderFilterPushDown::Inexact
+                } else {
+                    TableProviderFilterPushDown::Unsupported
+                }
+            })
+            .collect())
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let projection: Vec<usize> = projection.cloned().unwrap_or_else(|| (0..self.layout.engine.fields().len()).collect());
+        let mut stored: Vec<usize> = Vec::new();
+        let mut position = |i: usize| match stored.iter().position(|&s| s == i) {
+            Some(p) => p,
+            None => {
+                stored.push(i);
+                stored.len() - 1
+            }
+        };
+        let columns: Vec<OutColumn> = projection
+            .iter()
+            .map(|&i| match &self.layout.columns[i] {
+                ColumnLayout::Plain { storage } => OutColumn::Plain(position(*storage)),
+                ColumnLayout::Cell { crypto, body, row, seed } => OutColumn::Cell {
+                    crypto: *crypto,
+                    body: position(*body),
+                    row: position(*row),
+                    seed: position(*seed),
+                },
+            })
+            .collect();
+        let input = self.files.scan(state, Some(&stored), filters, limit).await?;
+        let schema = Arc::new(self.layout.engine.project(&projection)?);
+        Ok(Arc::new(CellAssembleExec::new(input, schema, columns)))
+    }
+}

@@ -1,0 +1,266 @@
+//! The on-disk layout of an encrypted table and its conversion to and from engine cells.
+//!
+//! Per measure column `m` a Parquet file holds `m` (the limb bodies, 8 bytes a limb, PLAIN,
+//! uncompressed: ciphertext does not compress), `__hedf_row__m` (row numbers, DELTA_BINARY_PACKED:
+//! consecutive rows cost ~0 bytes) and `__hedf_seed__m` (segment seeds, dictionary-encoded: one
+//! entry per row group). So a value costs its 8-byte body and the rest is shared per chunk.
+//! Field metadata (`hedf.*`) on `m` makes the file self-describing for any Parquet reader.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, FixedSizeBinaryArray, UInt64Array};
+use arrow::buffer::Buffer;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, Encoding};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+
+use crate::cell::{assemble_cell, CellRef, ColumnCrypto, KIND_CELL};
+use crate::error::{HedfError, Result};
+use crate::keys::KeyId;
+use crate::params::POLYNOMIAL_SIZE;
+
+const ROW_PREFIX: &str = "__hedf_row__";
+const SEED_PREFIX: &str = "__hedf_seed__";
+/// Rows per Parquet row group: a whole number of chunks.
+const ROW_GROUP_ROWS: usize = 16 * POLYNOMIAL_SIZE;
+
+/// Where one engine column lives in the storage schema.
+#[derive(Clone, Debug)]
+pub(crate) enum ColumnLayout {
+    Plain { storage: usize },
+    Cell { crypto: ColumnCrypto, body: usize, row: usize, seed: usize },
+}
+
+/// The engine schema (cells), the storage schema (bodies, rows, seeds) and how they map.
+#[derive(Debug)]
+pub(crate) struct StorageLayout {
+    pub engine: SchemaRef,
+    pub storage: SchemaRef,
+    pub columns: Vec<ColumnLayout>,
+    pub key_id: Option<KeyId>,
+}
+
+fn is_reserved(name: &str) -> bool {
+    name.starts_with("__hedf_")
+}
+
+impl StorageLayout {
+    /// Validates an encrypted (engine) schema: marked, well-formed cell columns, one key id.
+    pub fn from_engine(engine: &Schema) -> Result<Self> {
+        let mut storage_fields = Vec::new();
+        let mut extra = Vec::new();
+        let mut columns = Vec::new();
+        let mut key_id = None;
+        for field in engine.fields() {
+            if is_reserved(field.name()) {
+                return Err(HedfError::Invalid(format!("column name {:?} is reserved", field.name())));
+            }
+            match ColumnCrypto::from_metadata(field.metadata())? {
+                None => {
+                    if matches!(field.data_type(), DataType::FixedSizeBinary(_)) {
+                        // An unmarked binary column could be ciphertext that lost its marking.
+                        return Err(HedfError::Invalid(format!(
+                            "column {:?} is FixedSizeBinary without hedf metadata; encrypted columns must be marked",
+                            field.name()
+                        )));
+                    }
+                    columns.push(ColumnLayout::Plain { storage: storage_fields.len() });
+                    storage_fields.push(field.as_ref().clone());
+                }
+                Some((kind, crypto)) => {
+                    if kind != KIND_CELL || field.data_type() != &DataType::FixedSizeBinary(crypto.cell_width() as i32) {
+                        return Err(HedfError::Invalid(format!(
+                            "column {:?} is marked {kind} but is not a {}-byte cell column",
+                            field.name(),
+                            crypto.cell_width()
+                        )));
+                    }
+                    if *key_id.get_or_insert(crypto.key_id) != crypto.key_id {
+                        return Err(HedfError::MixedKeys {
+                            first: key_id.unwrap().to_string(),
+                            second: crypto.key_id.to_string(),
+                        });
+                    }
+                    let limbs = crypto.spec.limbs as i32;
+                    columns.push(ColumnLayout::Cell {
+                        crypto,
+                        body: storage_fields.len(),
+                        row: usize::MAX,
+                        seed: usize::MAX,
+                    });
+                    storage_fields.push(
+                        Field::new(field.name(), DataType::FixedSizeBinary(8 * limbs), true)
+                            .with_metadata(field.metadata().clone()),
+                    );
+                    extra.push(Field::new(format!("{ROW_PREFIX}{}", field.name()), DataType::UInt64, true));
+                    extra.push(Field::new(
+                        format!("{SEED_PREFIX}{}", field.name()),
+                        DataType::FixedSizeBinary(16 * limbs),
+                        true,
+                    ));
+                }
+            }
+        }
+        let mut next = storage_fields.len();
+        for c in columns.iter_mut() {
+            if let ColumnLayout::Cell { row, seed, .. } = c {
+                (*row, *seed) = (next, next + 1);
+                next += 2;
+            }
+        }
+        storage_fields.extend(extra);
+        Ok(StorageLayout {
+            engine: Arc::new(Schema::new(engine.fields().clone())),
+            storage: Arc::new(Schema::new(storage_fields)),
+            columns,
+            key_id,
+        })
+    }
+
+    /// Recovers the layout from a stored file's schema.
+    pub fn from_storage(storage: &Schema) -> Result<Self> {
+        let engine_fields: Vec<Field> = storage
+            .fields()
+            .iter()
+            .filter(|f| !is_reserved(f.name()))
+            .map(|f| match ColumnCrypto::from_metadata(f.metadata()) {
+                Ok(Some((_, crypto))) => Ok(Field::new(f.name(), DataType::FixedSizeBinary(crypto.cell_width() as i32), true)
+                    .with_metadata(f.metadata().clone())),
+                Ok(None) => Ok(f.as_ref().clone()),
+                Err(e) => Err(e),
+            })
+            .collect::<Result<_>>()?;
+        let layout = Self::from_engine(&Schema::new(engine_fields))?;
+        let matches = layout.storage.fields().len() == storage.fields().len()
+            && layout.storage.fields().iter().zip(storage.fields()).all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
+        if !matches {
+            return Err(HedfError::Malformed("stored table's columns do not follow the hedf layout".into()));
+        }
+        Ok(layout)
+    }
+
+    /// Splits cells into stored parts, validating every cell against its column.
+    pub fn to_storage(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+        if batch.schema().fields().len() != self.engine.fields().len() {
+            return Err(HedfError::Invalid("batch does not match the table's schema".into()));
+        }
+        let mut plain: Vec<ArrayRef> = Vec::new();
+        let mut extra: Vec<ArrayRef> = Vec::new();
+        for (layout, column) in self.columns.iter().zip(batch.columns()) {
+            let ColumnLayout::Cell { crypto, .. } = layout else {
+                plain.push(column.clone());
+                continue;
+            };
+            let cells = column.as_fixed_size_binary_opt().ok_or_else(|| HedfError::Invalid("cell column is not FixedSizeBinary".into()))?;
+            let limbs = crypto.spec.limbs as usize;
+            let (mut bodies, mut seeds, mut rows) = (Vec::with_capacity(cells.len() * 8 * limbs), Vec::with_capacity(cells.len() * 16 * limbs), Vec::with_capacity(cells.len()));
+            for i in 0..cells.len() {
+                if cells.is_null(i) {
+                    bodies.resize(bodies.len() + 8 * limbs, 0);
+                    seeds.resize(seeds.len() + 16 * limbs, 0);
+                    rows.push(0);
+                    continue;
+                }
+                let cell = CellRef::parse(cells.value(i), crypto)?;
+                bodies.extend_from_slice(cell.body_bytes());
+                seeds.extend_from_slice(cell.seed_bytes());
+                rows.push(cell.row());
+            }
+            let nulls = cells.nulls().cloned();
+            plain.push(Arc::new(FixedSizeBinaryArray::new(8 * limbs as i32, Buffer::from_vec(bodies), nulls.clone())));
+            extra.push(Arc::new(UInt64Array::new(rows.into(), nulls.clone())));
+            extra.push(Arc::new(FixedSizeBinaryArray::new(16 * limbs as i32, Buffer::from_vec(seeds), nulls)));
+        }
+        plain.extend(extra);
+        Ok(RecordBatch::try_new(self.storage.clone(), plain)?)
+    }
+
+    fn writer_properties(&self) -> WriterProperties {
+        let mut props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .set_compression(Compression::SNAPPY);
+        for field in self.storage.fields().iter() {
+            let name = field.name();
+            let path = ColumnPath::from(name.as_str());
+            let is_cipher = ColumnCrypto::from_metadata(field.metadata()).ok().flatten().is_some();
+            if is_cipher || name.starts_with(SEED_PREFIX) || name.starts_with(ROW_PREFIX) {
+                // Random bytes: compression and statistics cost CPU and save nothing.
+                props = props
+                    .set_column_compression(path.clone(), Compression::UNCOMPRESSED)
+                    .set_column_statistics_enabled(path.clone(), EnabledStatistics::None);
+            }
+            if is_cipher {
+                props = props.set_column_dictionary_enabled(path.clone(), false).set_column_encoding(path, Encoding::PLAIN);
+            } else if name.starts_with(ROW_PREFIX) {
+                props = props
+                    .set_column_dictionary_enabled(path.clone(), false)
+                    .set_column_encoding(path, Encoding::DELTA_BINARY_PACKED);
+            }
+        }
+        props.build()
+    }
+
+    /// Writes batches to `path` atomically: a temporary file, fsync, rename, fsync of the folder.
+    pub fn write_parquet<I>(&self, path: &Path, batches: I) -> Result<usize>
+    where
+        I: IntoIterator<Item = Result<RecordBatch>>,
+    {
+        let tmp = path.with_extension("parquet.tmp");
+        let result = (|| {
+            let file = File::create(&tmp)?;
+            let mut writer = ArrowWriter::try_new(file, self.storage.clone(), Some(self.writer_properties()))?;
+            let mut rows = 0;
+            for batch in batches {
+                let stored = self.to_storage(&batch?)?;
+                rows += stored.num_rows();
+                writer.write(&stored)?;
+            }
+            writer.into_inner()?.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+            Ok(rows)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+/// Rebuilds one cell column from its stored parts.
+pub(crate) fn assemble_cells(
+    crypto: &ColumnCrypto,
+    bodies: &ArrayRef,
+    rows: &ArrayRef,
+    seeds: &ArrayRef,
+) -> Result<FixedSizeBinaryArray> {
+    let malformed = || HedfError::Malformed("stored ciphertext parts have unexpected types".into());
+    let bodies = bodies.as_fixed_size_binary_opt().ok_or_else(malformed)?;
+    let seeds = seeds.as_fixed_size_binary_opt().ok_or_else(malformed)?;
+    let rows = rows.as_primitive_opt::<arrow::datatypes::UInt64Type>().ok_or_else(malformed)?;
+    let limbs = crypto.spec.limbs as usize;
+    if bodies.value_length() as usize != 8 * limbs || seeds.value_length() as usize != 16 * limbs {
+        return Err(malformed());
+    }
+    let width = crypto.cell_width();
+    let header = crypto.header();
+    let mut out = vec![0u8; bodies.len() * width];
+    let (body_bytes, seed_bytes) = (bodies.value_data(), seeds.value_data());
+    for (i, cell) in out.chunks_exact_mut(width).enumerate() {
+        if bodies.is_valid(i) {
+            if seeds.is_null(i) || rows.is_null(i) {
+                return Err(HedfError::Malformed("stored cell lacks its row or seed".into()));
+            }
+            let seed = &seed_bytes[i * 16 * limbs..(i + 1) * 16 * limbs];
+            assemble_cell(cell, &header, rows.value(i), seed, &body_bytes[i * 8 * limbs..(i + 1) * 8 * limbs]);
+        }
+    }
+    Ok(FixedSizeBinaryArray::new(width as i32, Buffer::from_vec(out), bodies.nulls().cloned()))
+}

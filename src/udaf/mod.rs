@@ -1,0 +1,124 @@
+//! `he_sum`: SQL SUM over encrypted cells, computed without any key.
+//!
+//! Input: a cell column (marked `hedf.kind = cell`). Output per group: a `LargeBinary` sum (see
+//! [`crate::cell`]) marked `hedf.kind = sum`, NULL when the group has no non-NULL value, exactly
+//! like SQL SUM. The partial state has the same layout; a single row's state is its tagged cell.
+//! A group whose row count exceeds the column's budget is refused at evaluation.
+
+mod accumulator;
+
+use std::sync::Arc;
+
+use arrow::array::ArrayRef;
+use arrow::datatypes::{DataType, Field, FieldRef};
+use datafusion::common::{plan_err, ScalarValue};
+use datafusion::error::Result;
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::utils::format_state_name;
+use datafusion::logical_expr::{
+    Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature, Volatility,
+};
+
+pub use accumulator::HeSumAccumulator;
+
+use crate::cell::{ColumnCrypto, KIND_CELL, KIND_SUM};
+
+/// The registered name of the aggregate.
+pub const HE_SUM: &str = "he_sum";
+
+/// The `he_sum` aggregate, ready to register in a `SessionContext`.
+pub fn he_sum_udaf() -> AggregateUDF {
+    AggregateUDF::from(HeSum { signature: Signature::any(1, Volatility::Immutable) })
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct HeSum {
+    signature: Signature,
+}
+
+/// The crypto of he_sum's argument, or a planning error saying why it cannot be summed.
+fn argument_crypto(field: &Field) -> Result<ColumnCrypto> {
+    match ColumnCrypto::from_metadata(field.metadata())? {
+        Some((kind, crypto)) if kind == KIND_CELL => Ok(crypto),
+        Some(_) => plan_err!("he_sum({}) is already a sum; he_sum takes an encrypted column", field.name()),
+        None => plan_err!(
+            "he_sum({0}): {0} is a plaintext {1} column; he_sum sums encrypted columns (use SUM for plaintext)",
+            field.name(),
+            field.data_type()
+        ),
+    }
+}
+
+impl AggregateUDFImpl for HeSum {
+    fn name(&self) -> &str {
+        HE_SUM
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::LargeBinary)
+    }
+
+    fn return_field(&self, arg_fields: &[FieldRef]) -> Result<FieldRef> {
+        let crypto = argument_crypto(&arg_fields[0])?;
+        Ok(Arc::new(
+            Field::new(HE_SUM, DataType::LargeBinary, true).with_metadata(crypto.metadata(KIND_SUM)),
+        ))
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        Ok(vec![Arc::new(Field::new(format_state_name(args.name, "he_sum"), DataType::LargeBinary, true))])
+    }
+
+    fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        Ok(Box::new(SingleGroup(new_accumulator(&args)?)))
+    }
+
+    fn groups_accumulator_supported(&self, _args: AccumulatorArgs) -> bool {
+        true
+    }
+
+    fn create_groups_accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn GroupsAccumulator>> {
+        Ok(Box::new(new_accumulator(&args)?))
+    }
+}
+
+fn new_accumulator(args: &AccumulatorArgs) -> Result<HeSumAccumulator> {
+    let field = &args.expr_fields[0];
+    Ok(HeSumAccumulator::new(field.name().clone(), argument_crypto(field)?))
+}
+
+/// he_sum without GROUP BY: the group accumulator with one group.
+#[derive(Debug)]
+struct SingleGroup(HeSumAccumulator);
+
+fn single_value(array: ArrayRef) -> Result<ScalarValue> {
+    ScalarValue::try_from_array(&array, 0)
+}
+
+impl Accumulator for SingleGroup {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        self.0.update_batch(values, &vec![0; values[0].len()], None, 1)
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        self.0.resize(1);
+        single_value(self.0.evaluate(EmitTo::All)?)
+    }
+
+    fn size(&self) -> usize {
+        self.0.size()
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        self.0.resize(1);
+        Ok(vec![single_value(self.0.state(EmitTo::All)?.remove(0))?])
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        self.0.merge_batch(states, &vec![0; states[0].len()], 1)
+    }
+}

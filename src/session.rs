@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use datafusion::execution::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::guard::CiphertextGuard;
@@ -14,8 +15,13 @@ pub fn new_context() -> SessionContext {
 
 /// A session with the given configuration plus hedf.
 pub fn new_context_with_config(config: SessionConfig) -> SessionContext {
-    let ctx = SessionContext::new_with_config(config);
+    let state = SessionStateBuilder::new().with_config(config).with_default_features().build();
+    // The guard runs first, so misuse of a ciphertext is reported as such rather than as a
+    // type-coercion error about binary columns.
+    let mut rules = state.analyzer().rules.clone();
+    rules.insert(0, Arc::new(CiphertextGuard));
+    let state = SessionStateBuilder::new_from_existing(state).with_analyzer_rules(rules).build();
+    let ctx = SessionContext::new_with_state(state);
     ctx.register_udaf(he_sum_udaf());
-    ctx.add_analyzer_rule(Arc::new(CiphertextGuard));
     ctx
 }

@@ -165,7 +165,7 @@ async fn stored_ciphertext_costs_at_most_12_bytes_per_value() {
     let dir = tempfile::tempdir().unwrap();
     let n = 1 << 16;
     let groups = (0..n).map(|i| format!("g{}", i / 1000)).collect();
-    let v = (0..n).map(|i| Some(i as i128)).collect();
+    let v: Vec<_> = (0..n).map(|i| Some(i as i128)).collect();
     let batch = table(groups, v.clone(), v, 1);
     let plain_only = batch.project(&[0, 1]).unwrap();
     let ctx = context(1, 8192);
@@ -217,7 +217,7 @@ async fn ciphertext_misuse_is_refused_at_planning() {
         ("SELECT g, he_sum(v) FROM t GROUP BY g HAVING he_sum(v) > 'a'", "encrypted"),
         ("SELECT g, he_sum(v) AS s FROM t GROUP BY g ORDER BY s", "encrypted"),
         ("SELECT DISTINCT v FROM t", "encrypted"),
-        ("SELECT length(v) FROM t", "computed on"),
+        ("SELECT CAST(v AS BYTEA) FROM t", "computed on"),
         ("SELECT MIN(v) FROM t", "aggregated with"),
         ("SELECT COUNT(DISTINCT v) FROM t", "aggregated with"),
         ("SELECT a.g FROM t a JOIN t b ON a.v = b.v", "encrypted"),
@@ -298,7 +298,8 @@ async fn malformed_ciphertexts_are_refused_and_stored_data_survives() {
     let file = std::fs::read_dir(&table_dir).unwrap().next().unwrap().unwrap().path();
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
-    assert!(run(&ctx, "SELECT he_sum(v) FROM t").await.is_err());
+    let err = EncryptedTable::open(&table_dir).unwrap_err();
+    assert!(err.to_string().contains("Parquet"), "{err}");
 }
 
 #[tokio::test]

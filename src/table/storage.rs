@@ -16,7 +16,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding};
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
 use parquet::schema::types::ColumnPath;
 
 use crate::cell::{assemble_cell, CellRef, ColumnCrypto, KIND_CELL};
@@ -181,7 +181,9 @@ impl StorageLayout {
     }
 
     fn writer_properties(&self) -> WriterProperties {
+        // Parquet 2.0: the first version that dictionary-encodes fixed-length seeds.
         let mut props = WriterProperties::builder()
+            .set_writer_version(WriterVersion::PARQUET_2_0)
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
             .set_compression(Compression::SNAPPY);
         for field in self.storage.fields().iter() {

@@ -21,7 +21,7 @@ use datafusion::logical_expr::{
 
 pub use accumulator::HeSumAccumulator;
 
-use crate::cell::{ColumnCrypto, KIND_CELL, KIND_SUM};
+use crate::cell::{ColumnCrypto, KIND_CELL, KIND_SUM, META_KEY_ID, META_KIND};
 
 /// The registered name of the aggregate.
 pub const HE_SUM: &str = "he_sum";
@@ -38,6 +38,11 @@ struct HeSum {
 
 /// The crypto of he_sum's argument, or a planning error saying why it cannot be summed.
 fn argument_crypto(field: &Field) -> Result<ColumnCrypto> {
+    let meta = field.metadata();
+    if meta.contains_key(META_KIND) && !meta.contains_key(META_KEY_ID) {
+        // DataFusion drops metadata values that differ between UNION inputs.
+        return plan_err!("mixed keys: {} combines encrypted columns of different keys; a sum needs one key", field.name());
+    }
     match ColumnCrypto::from_metadata(field.metadata())? {
         Some((kind, crypto)) if kind == KIND_CELL => Ok(crypto),
         Some(_) => plan_err!("he_sum({}) is already a sum; he_sum takes an encrypted column", field.name()),

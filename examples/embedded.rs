@@ -16,11 +16,19 @@ async fn main() -> hedf::Result<()> {
     // Client: a key (keep it; `ClientKey::save`/`load` write and read it) and plaintext data.
     let key = ClientKey::generate();
     let region = StringArray::from(vec!["north", "north", "south", "south", "south"]);
-    let sales = Decimal128Array::from(vec![1250, -300, 999, 1, 10000]).with_precision_and_scale(9, 2)?;
-    let plain = RecordBatch::try_from_iter(vec![("region", Arc::new(region) as ArrayRef), ("sales", Arc::new(sales) as ArrayRef)])?;
+    let sales =
+        Decimal128Array::from(vec![1250, -300, 999, 1, 10000]).with_precision_and_scale(9, 2)?;
+    let plain = RecordBatch::try_from_iter(vec![
+        ("region", Arc::new(region) as ArrayRef),
+        ("sales", Arc::new(sales) as ArrayRef),
+    ])?;
 
     // Client: encrypt the measure; dimension columns stay plaintext.
-    let (schema, encrypted) = encrypt_batches(&key, &[plain], &[MeasureColumn::new("sales", 2).with_precision(9)])?;
+    let (schema, encrypted) = encrypt_batches(
+        &key,
+        &[plain],
+        &[MeasureColumn::new("sales", 2).with_precision(9)],
+    )?;
 
     // Server: store the encrypted batches as Parquet and query them. No key is involved here.
     let dir = match std::env::args().nth(1) {
@@ -37,7 +45,10 @@ async fn main() -> hedf::Result<()> {
         .await?;
 
     // Client: decrypt the result batches into Decimal128 columns.
-    let plain = results.iter().map(|b| decrypt_batch(&key, b)).collect::<hedf::Result<Vec<_>>>()?;
+    let plain = results
+        .iter()
+        .map(|b| decrypt_batch(&key, b))
+        .collect::<hedf::Result<Vec<_>>>()?;
     print_batches(&plain)?;
     println!("encrypted table stored in {}", dir.display());
     Ok(())

@@ -77,12 +77,17 @@ impl ColumnCrypto {
 
     /// Reads field metadata; `Ok(None)` for a plaintext column, an error for a broken marking.
     pub fn from_metadata(meta: &HashMap<String, String>) -> Result<Option<(String, Self)>> {
-        let Some(kind) = meta.get(META_KIND) else { return Ok(None) };
+        let Some(kind) = meta.get(META_KIND) else {
+            return Ok(None);
+        };
         let get = |k: &str| {
-            meta.get(k).ok_or_else(|| HedfError::Malformed(format!("field metadata lacks {k}")))
+            meta.get(k)
+                .ok_or_else(|| HedfError::Malformed(format!("field metadata lacks {k}")))
         };
         let num = |k: &str| -> Result<i64> {
-            get(k)?.parse().map_err(|_| HedfError::Malformed(format!("bad {k} in field metadata")))
+            get(k)?
+                .parse()
+                .map_err(|_| HedfError::Malformed(format!("bad {k} in field metadata")))
         };
         if num(META_PARAMS)? != PARAMS_ID as i64 || num(META_LAYOUT)? != LAYOUT_VERSION as i64 {
             return Err(HedfError::Malformed(
@@ -105,7 +110,13 @@ pub fn cell_width(limbs: u8) -> usize {
 }
 
 /// Assembles a cell from its stored parts (`seeds`: 16 bytes a limb, `bodies`: 8 bytes a limb).
-pub(crate) fn assemble_cell(out: &mut [u8], header: &[u8; 12], row: u64, seeds: &[u8], bodies: &[u8]) {
+pub(crate) fn assemble_cell(
+    out: &mut [u8],
+    header: &[u8; 12],
+    row: u64,
+    seeds: &[u8],
+    bodies: &[u8],
+) {
     out[..12].copy_from_slice(header);
     out[12..20].copy_from_slice(&row.to_le_bytes());
     out[20..20 + seeds.len()].copy_from_slice(seeds);
@@ -155,7 +166,10 @@ impl<'a> CellRef<'a> {
                 "cell header (parameters, limbs or scale) differs from its column's".into(),
             ));
         }
-        Ok(CellRef { bytes, limbs: expect.spec.limbs as usize })
+        Ok(CellRef {
+            bytes,
+            limbs: expect.spec.limbs as usize,
+        })
     }
 
     pub fn row(&self) -> u64 {
@@ -163,7 +177,11 @@ impl<'a> CellRef<'a> {
     }
 
     pub fn seed(&self, limb: usize) -> u128 {
-        u128::from_le_bytes(self.bytes[20 + 16 * limb..36 + 16 * limb].try_into().unwrap())
+        u128::from_le_bytes(
+            self.bytes[20 + 16 * limb..36 + 16 * limb]
+                .try_into()
+                .unwrap(),
+        )
     }
 
     /// The seeds of all limbs, as stored (16 bytes each).
@@ -183,7 +201,13 @@ impl<'a> CellRef<'a> {
 }
 
 /// Serialises one group's sum. `masks` holds `limbs * N` coefficients, limb-major.
-pub fn write_sum(crypto: &ColumnCrypto, count: u64, bodies: &[u64], masks: &[u64], out: &mut Vec<u8>) {
+pub fn write_sum(
+    crypto: &ColumnCrypto,
+    count: u64,
+    bodies: &[u64],
+    masks: &[u64],
+    out: &mut Vec<u8>,
+) {
     out.extend_from_slice(SUM_MAGIC);
     out.push(LAYOUT_VERSION);
     out.extend_from_slice(&crypto.header()[8..12]);
@@ -213,15 +237,27 @@ impl<'a> SumRef<'a> {
         if bytes[4] != LAYOUT_VERSION || bytes[5] != PARAMS_ID {
             return Err(bad("unknown layout version or parameter set"));
         }
-        let spec = MeasureSpec { limbs: bytes[6], limb_bits: bytes[7], scale: bytes[8] as i8 };
+        let spec = MeasureSpec {
+            limbs: bytes[6],
+            limb_bits: bytes[7],
+            scale: bytes[8] as i8,
+        };
         spec.validate()?;
         let key_id = KeyId(u64::from_le_bytes(bytes[9..17].try_into().unwrap()));
         let count = u64::from_le_bytes(bytes[17..25].try_into().unwrap());
         let crypto = ColumnCrypto { key_id, spec };
         if bytes.len() != crypto.sum_len() {
-            return Err(bad(&format!("{} bytes, expected {}", bytes.len(), crypto.sum_len())));
+            return Err(bad(&format!(
+                "{} bytes, expected {}",
+                bytes.len(),
+                crypto.sum_len()
+            )));
         }
-        Ok(SumRef { crypto, count, bytes })
+        Ok(SumRef {
+            crypto,
+            count,
+            bytes,
+        })
     }
 
     pub fn body(&self, limb: usize) -> u64 {
@@ -231,7 +267,8 @@ impl<'a> SumRef<'a> {
 
     /// The mask of `limb`, as N little-endian u64 coefficients.
     pub fn mask(&self, limb: usize) -> impl Iterator<Item = u64> + 'a {
-        let start = SUM_HEADER_LEN + 8 * self.crypto.spec.limbs as usize + 8 * POLYNOMIAL_SIZE * limb;
+        let start =
+            SUM_HEADER_LEN + 8 * self.crypto.spec.limbs as usize + 8 * POLYNOMIAL_SIZE * limb;
         self.bytes[start..start + 8 * POLYNOMIAL_SIZE]
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))

@@ -36,7 +36,11 @@ pub struct MeasureColumn {
 
 impl MeasureColumn {
     pub fn new(name: impl Into<String>, scale: i8) -> Self {
-        MeasureColumn { name: name.into(), scale, precision: None }
+        MeasureColumn {
+            name: name.into(),
+            scale,
+            precision: None,
+        }
     }
 
     pub fn with_precision(mut self, precision: u8) -> Self {
@@ -47,7 +51,10 @@ impl MeasureColumn {
 
 enum Plan {
     Plain,
-    Measure { crypto: ColumnCrypto, seeds: Vec<u128> },
+    Measure {
+        crypto: ColumnCrypto,
+        seeds: Vec<u128>,
+    },
 }
 
 /// Encrypts a stream of batches of one schema as one segment (one fresh seed per measure limb).
@@ -75,8 +82,10 @@ impl<'k> Encryptor<'k> {
             let precision = m.precision.ok_or_else(|| {
                 HedfError::Invalid(format!("column {:?} needs a declared precision", m.name))
             })?;
-            let crypto =
-                ColumnCrypto { key_id: key.id(), spec: MeasureSpec::for_precision(precision, m.scale)? };
+            let crypto = ColumnCrypto {
+                key_id: key.id(),
+                spec: MeasureSpec::for_precision(precision, m.scale)?,
+            };
             let seeds = (0..crypto.spec.limbs).map(|_| seeder.seed().0).collect();
             fields[idx] = Field::new(
                 field.name(),
@@ -86,7 +95,12 @@ impl<'k> Encryptor<'k> {
             .with_metadata(crypto.metadata(KIND_CELL));
             plans[idx] = Plan::Measure { crypto, seeds };
         }
-        Ok(Encryptor { key, schema: Arc::new(Schema::new(fields)), plans, next_chunk: 0 })
+        Ok(Encryptor {
+            key,
+            schema: Arc::new(Schema::new(fields)),
+            plans,
+            next_chunk: 0,
+        })
     }
 
     /// The encrypted batches' schema: measures as marked `FixedSizeBinary` cell columns.
@@ -105,14 +119,26 @@ impl<'k> Encryptor<'k> {
                 Plan::Measure { crypto, seeds } => {
                     let name = self.schema.field(idx).name();
                     let values = fixed_point_values(column, crypto.spec.scale, name)?;
-                    if let Some(row) = values.iter().position(|v| v.is_some_and(|v| v.abs() > crypto.spec.max_abs())) {
+                    if let Some(row) = values
+                        .iter()
+                        .position(|v| v.is_some_and(|v| v.abs() > crypto.spec.max_abs()))
+                    {
                         return Err(HedfError::Encoding {
                             column: name.clone(),
                             row,
-                            why: format!("|value| exceeds the declared precision (max {} in fixed point)", crypto.spec.max_abs()),
+                            why: format!(
+                                "|value| exceeds the declared precision (max {} in fixed point)",
+                                crypto.spec.max_abs()
+                            ),
                         });
                     }
-                    Arc::new(encrypt_column(self.key, crypto, seeds, &values, first_chunk)) as ArrayRef
+                    Arc::new(encrypt_column(
+                        self.key,
+                        crypto,
+                        seeds,
+                        &values,
+                        first_chunk,
+                    )) as ArrayRef
                 }
             });
         }
@@ -133,36 +159,62 @@ pub fn encrypt_batches(
         .ok_or_else(|| HedfError::Invalid("nothing to encrypt: no batches".into()))?;
     let mut resolved = measures.to_vec();
     for m in resolved.iter_mut().filter(|m| m.precision.is_none()) {
-        let idx = schema.index_of(&m.name).map_err(|_| {
-            HedfError::Invalid(format!("no column {:?} to encrypt", m.name))
-        })?;
+        let idx = schema
+            .index_of(&m.name)
+            .map_err(|_| HedfError::Invalid(format!("no column {:?} to encrypt", m.name)))?;
         let mut max = 0i64;
         for batch in batches {
             let values = fixed_point_values(batch.column(idx), m.scale, &m.name)?;
-            max = values.iter().flatten().fold(max, |acc, v| acc.max(v.unsigned_abs().min(i64::MAX as u64) as i64));
+            max = values.iter().flatten().fold(max, |acc, v| {
+                acc.max(v.unsigned_abs().min(i64::MAX as u64) as i64)
+            });
         }
         let digits = max.checked_ilog10().map_or(1, |d| d + 1) as u8;
         m.precision = Some(digits.max(m.scale as u8).max(1).min(MAX_PRECISION));
     }
     let mut encryptor = Encryptor::new(key, &schema, &resolved)?;
-    let out = batches.iter().map(|b| encryptor.encrypt(b)).collect::<Result<_>>()?;
+    let out = batches
+        .iter()
+        .map(|b| encryptor.encrypt(b))
+        .collect::<Result<_>>()?;
     Ok((encryptor.schema(), out))
 }
 
 /// Converts a numeric or decimal-string column to exact fixed-point integers.
 fn fixed_point_values(array: &ArrayRef, scale: i8, column: &str) -> Result<Vec<Option<i64>>> {
-    let err = |row: usize, why: String| HedfError::Encoding { column: column.to_string(), row, why };
+    let err = |row: usize, why: String| HedfError::Encoding {
+        column: column.to_string(),
+        row,
+        why,
+    };
     let factor = 10i64.pow(scale as u32);
     let from_text = |row: usize, text: Option<&str>| -> Result<Option<i64>> {
         match text.map(str::trim) {
             None | Some("") => Ok(None),
-            Some(t) => parse_decimal(t, scale).map(Some).map_err(|why| err(row, why)),
+            Some(t) => parse_decimal(t, scale)
+                .map(Some)
+                .map_err(|why| err(row, why)),
         }
     };
     match array.data_type() {
-        DataType::Utf8 => array.as_string::<i32>().iter().enumerate().map(|(r, t)| from_text(r, t)).collect(),
-        DataType::LargeUtf8 => array.as_string::<i64>().iter().enumerate().map(|(r, t)| from_text(r, t)).collect(),
-        DataType::Utf8View => array.as_string_view().iter().enumerate().map(|(r, t)| from_text(r, t)).collect(),
+        DataType::Utf8 => array
+            .as_string::<i32>()
+            .iter()
+            .enumerate()
+            .map(|(r, t)| from_text(r, t))
+            .collect(),
+        DataType::LargeUtf8 => array
+            .as_string::<i64>()
+            .iter()
+            .enumerate()
+            .map(|(r, t)| from_text(r, t))
+            .collect(),
+        DataType::Utf8View => array
+            .as_string_view()
+            .iter()
+            .enumerate()
+            .map(|(r, t)| from_text(r, t))
+            .collect(),
         // Shortest round-trip text of a float is the decimal a person wrote; parse that exactly.
         DataType::Float16 | DataType::Float32 | DataType::Float64 => {
             let floats = arrow::compute::cast(array, &DataType::Float64)?;
@@ -209,11 +261,16 @@ fn fixed_point_values(array: &ArrayRef, scale: i8, column: &str) -> Result<Vec<O
                 .enumerate()
                 .map(|(r, v)| match v {
                     None => Ok(None),
-                    Some(v) => v.checked_mul(factor).map(Some).ok_or_else(|| err(r, "out of the i64 fixed-point range".into())),
+                    Some(v) => v
+                        .checked_mul(factor)
+                        .map(Some)
+                        .ok_or_else(|| err(r, "out of the i64 fixed-point range".into())),
                 })
                 .collect()
         }
-        t => Err(HedfError::Invalid(format!("column {column:?} of type {t} cannot be a measure"))),
+        t => Err(HedfError::Invalid(format!(
+            "column {column:?} of type {t} cannot be a measure"
+        ))),
     }
 }
 
@@ -234,22 +291,31 @@ fn encrypt_column(
     let mut bodies = vec![0u64; values.len() * limbs];
     for (limb, &seed) in seeds.iter().enumerate() {
         let mut limb_bodies = vec![0u64; values.len()];
-        limb_bodies.par_chunks_mut(POLYNOMIAL_SIZE).enumerate().for_each(|(c, out)| {
-            let mut plaintexts = PlaintextList::new(0u64, PlaintextCount(POLYNOMIAL_SIZE));
-            for (j, p) in plaintexts.as_mut().iter_mut().take(out.len()).enumerate() {
-                let v = limb_values[(c * POLYNOMIAL_SIZE + j) * limbs + limb];
-                *p = (v as u64).wrapping_shl(LOG2_DELTA);
-            }
-            let mut ct = SeededGlweCiphertext::new(
-                0u64,
-                GlweSize(GLWE_DIMENSION + 1),
-                PolynomialSize(POLYNOMIAL_SIZE),
-                chunk_compression_seed(seed, first_chunk + c as u64),
-                CiphertextModulus::new_native(),
-            );
-            encrypt_seeded_glwe_ciphertext(key.glwe(), &mut ct, &plaintexts, noise, &mut *new_seeder());
-            out.copy_from_slice(&ct.as_ref()[..out.len()]);
-        });
+        limb_bodies
+            .par_chunks_mut(POLYNOMIAL_SIZE)
+            .enumerate()
+            .for_each(|(c, out)| {
+                let mut plaintexts = PlaintextList::new(0u64, PlaintextCount(POLYNOMIAL_SIZE));
+                for (j, p) in plaintexts.as_mut().iter_mut().take(out.len()).enumerate() {
+                    let v = limb_values[(c * POLYNOMIAL_SIZE + j) * limbs + limb];
+                    *p = (v as u64).wrapping_shl(LOG2_DELTA);
+                }
+                let mut ct = SeededGlweCiphertext::new(
+                    0u64,
+                    GlweSize(GLWE_DIMENSION + 1),
+                    PolynomialSize(POLYNOMIAL_SIZE),
+                    chunk_compression_seed(seed, first_chunk + c as u64),
+                    CiphertextModulus::new_native(),
+                );
+                encrypt_seeded_glwe_ciphertext(
+                    key.glwe(),
+                    &mut ct,
+                    &plaintexts,
+                    noise,
+                    &mut *new_seeder(),
+                );
+                out.copy_from_slice(&ct.as_ref()[..out.len()]);
+            });
         for (r, b) in limb_bodies.into_iter().enumerate() {
             bodies[r * limbs + limb] = b;
         }
@@ -258,7 +324,13 @@ fn encrypt_column(
     let mut bytes = vec![0u8; values.len() * width];
     for (r, cell) in bytes.chunks_exact_mut(width).enumerate() {
         let row = (first_chunk as usize * POLYNOMIAL_SIZE + r) as u64;
-        write_cell(cell, crypto, row, seeds, &bodies[r * limbs..(r + 1) * limbs]);
+        write_cell(
+            cell,
+            crypto,
+            row,
+            seeds,
+            &bodies[r * limbs..(r + 1) * limbs],
+        );
     }
     let nulls = NullBuffer::from_iter(values.iter().map(Option::is_some));
     let nulls = (nulls.null_count() > 0).then_some(nulls);
@@ -275,7 +347,11 @@ fn check_key(key: &ClientKey, found: KeyId, what: &str) -> Result<()> {
     if found == key.id() {
         Ok(())
     } else {
-        Err(HedfError::KeyMismatch { what: what.into(), found: found.to_string(), loaded: key.id().to_string() })
+        Err(HedfError::KeyMismatch {
+            what: what.into(),
+            found: found.to_string(),
+            loaded: key.id().to_string(),
+        })
     }
 }
 
@@ -323,8 +399,17 @@ impl<'k> CellDecryptor<'k> {
             key,
             masks: MaskGenerator::default(),
             chunk: None,
-            glwe: GlweCiphertext::new(0, GlweSize(GLWE_DIMENSION + 1), size, CiphertextModulus::new_native()),
-            lwe: LweCiphertext::new(0, LweSize(POLYNOMIAL_SIZE + 1), CiphertextModulus::new_native()),
+            glwe: GlweCiphertext::new(
+                0,
+                GlweSize(GLWE_DIMENSION + 1),
+                size,
+                CiphertextModulus::new_native(),
+            ),
+            lwe: LweCiphertext::new(
+                0,
+                LweSize(POLYNOMIAL_SIZE + 1),
+                CiphertextModulus::new_native(),
+            ),
         }
     }
 
@@ -361,7 +446,10 @@ pub fn decrypt_batch(key: &ClientKey, batch: &RecordBatch) -> Result<RecordBatch
                 .downcast_ref::<LargeBinaryArray>()
                 .expect("type checked")
                 .iter()
-                .map(|v| v.map(|bytes| decrypt_sum(key, bytes, field.name())).transpose())
+                .map(|v| {
+                    v.map(|bytes| decrypt_sum(key, bytes, field.name()))
+                        .transpose()
+                })
                 .collect::<Result<_>>()?,
             (KIND_CELL, DataType::FixedSizeBinary(_)) => {
                 let mut dec = CellDecryptor::new(key);
@@ -392,5 +480,8 @@ pub fn decrypt_batch(key: &ClientKey, batch: &RecordBatch) -> Result<RecordBatch
         columns.push(Arc::new(values) as ArrayRef);
     }
     let metadata: HashMap<String, String> = batch.schema().metadata().clone();
-    Ok(RecordBatch::try_new(Arc::new(Schema::new_with_metadata(fields, metadata)), columns)?)
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new_with_metadata(fields, metadata)),
+        columns,
+    )?)
 }

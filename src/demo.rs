@@ -29,7 +29,11 @@ pub fn population() -> Result<(SchemaRef, Vec<RecordBatch>)> {
     let fields: Vec<Field> = DIMENSIONS
         .iter()
         .map(|d| Field::new(*d, DataType::Utf8, false))
-        .chain(YEARS.iter().map(|y| Field::new(*y, DataType::Decimal128(10, 1), true)))
+        .chain(
+            YEARS
+                .iter()
+                .map(|y| Field::new(*y, DataType::Decimal128(10, 1), true)),
+        )
         .collect();
     let schema = Arc::new(Schema::new(fields));
     let reader = arrow::csv::ReaderBuilder::new(schema.clone())
@@ -47,16 +51,28 @@ pub fn aggregation_sql(table: &str, over: &str, sum: &str) -> Result<String> {
             DIMENSIONS
         )));
     }
-    let keys: Vec<String> = DIMENSIONS.iter().filter(|d| **d != over).map(|d| format!("\"{d}\"")).collect();
-    let sums: Vec<String> = YEARS.iter().map(|y| format!("{sum}(\"{y}\") AS \"{y}\"")).collect();
+    let keys: Vec<String> = DIMENSIONS
+        .iter()
+        .filter(|d| **d != over)
+        .map(|d| format!("\"{d}\""))
+        .collect();
+    let sums: Vec<String> = YEARS
+        .iter()
+        .map(|y| format!("{sum}(\"{y}\") AS \"{y}\""))
+        .collect();
     let keys = keys.join(", ");
-    Ok(format!("SELECT {keys}, {} FROM {table} GROUP BY {keys} ORDER BY {keys}", sums.join(", ")))
+    Ok(format!(
+        "SELECT {keys}, {} FROM {table} GROUP BY {keys} ORDER BY {keys}",
+        sums.join(", ")
+    ))
 }
 
 /// Prints grouped results the way pandas printed the seed's tables: the index columns on the
 /// left (a repeated outer label left blank), one right-aligned column per measure.
 pub fn format_grouped(batches: &[RecordBatch], key_columns: usize) -> Result<String> {
-    let Some(first) = batches.first() else { return Ok(String::new()) };
+    let Some(first) = batches.first() else {
+        return Ok(String::new());
+    };
     let schema = first.schema();
     let names: Vec<&String> = schema.fields().iter().map(|f| f.name()).collect();
     let mut rows: Vec<Vec<String>> = Vec::new();
@@ -71,7 +87,13 @@ pub fn format_grouped(batches: &[RecordBatch], key_columns: usize) -> Result<Str
             rows.push(formatters.iter().map(|f| f.value(r).to_string()).collect());
         }
     }
-    let width = |c: usize| rows.iter().map(|r| r[c].len()).chain([names[c].len()]).max().unwrap_or(0);
+    let width = |c: usize| {
+        rows.iter()
+            .map(|r| r[c].len())
+            .chain([names[c].len()])
+            .max()
+            .unwrap_or(0)
+    };
     let widths: Vec<usize> = (0..names.len()).map(width).collect();
     let key_width: usize = widths[..key_columns].iter().map(|w| w + 1).sum();
     let mut out = format!("{:key_width$}", "");
@@ -79,12 +101,16 @@ pub fn format_grouped(batches: &[RecordBatch], key_columns: usize) -> Result<Str
         out += &format!("{:>w$}", names[c], w = widths[c] + 2);
     }
     out += "\n";
-    out += &(0..key_columns).map(|c| format!("{:w$}", names[c], w = widths[c])).collect::<Vec<_>>().join(" ");
+    out += &(0..key_columns)
+        .map(|c| format!("{:w$}", names[c], w = widths[c]))
+        .collect::<Vec<_>>()
+        .join(" ");
     out += "\n";
     for (i, row) in rows.iter().enumerate() {
         let mut line = String::new();
         for c in 0..key_columns {
-            let repeated = i > 0 && (0..=c).all(|k| rows[i - 1][k] == row[k]) && c + 1 < key_columns;
+            let repeated =
+                i > 0 && (0..=c).all(|k| rows[i - 1][k] == row[k]) && c + 1 < key_columns;
             line += &format!("{:w$} ", if repeated { "" } else { &row[c] }, w = widths[c]);
         }
         for c in key_columns..names.len() {
@@ -99,7 +125,11 @@ pub fn format_grouped(batches: &[RecordBatch], key_columns: usize) -> Result<Str
 /// Checks decrypted sums against plaintext DataFusion SUM on the same rows; returns the count
 /// of values compared.
 async fn verify(plain: &SessionContext, over: &str, decrypted: &[RecordBatch]) -> Result<usize> {
-    let expected = plain.sql(&aggregation_sql("population_plain", over, "SUM")?).await?.collect().await?;
+    let expected = plain
+        .sql(&aggregation_sql("population_plain", over, "SUM")?)
+        .await?
+        .collect()
+        .await?;
     let values = |batches: &[RecordBatch]| -> Vec<Option<i128>> {
         batches
             .iter()
@@ -113,7 +143,9 @@ async fn verify(plain: &SessionContext, over: &str, decrypted: &[RecordBatch]) -
     };
     let (got, want) = (values(decrypted), values(&expected));
     if got != want || got.is_empty() {
-        return Err(HedfError::Invalid(format!("decrypted sums differ from plaintext SUM for aggregation over {over}")));
+        return Err(HedfError::Invalid(format!(
+            "decrypted sums differ from plaintext SUM for aggregation over {over}"
+        )));
     }
     Ok(got.len())
 }
@@ -124,11 +156,21 @@ pub async fn run(data_dir: &Path, out: &mut impl Write) -> Result<()> {
     let (schema, plain_batches) = population()?;
     let ctx = new_context();
     let plain = SessionContext::new();
-    plain.register_table("population_plain", Arc::new(MemTable::try_new(schema.clone(), vec![plain_batches.clone()])?))?;
+    plain.register_table(
+        "population_plain",
+        Arc::new(MemTable::try_new(
+            schema.clone(),
+            vec![plain_batches.clone()],
+        )?),
+    )?;
 
     writeln!(out, "get before dataset has been uploaded:")?;
     match ctx.sql(&aggregation_sql(TABLE, "AREA", "he_sum")?).await {
-        Ok(_) => return Err(HedfError::Invalid("query before upload unexpectedly succeeded".into())),
+        Ok(_) => {
+            return Err(HedfError::Invalid(
+                "query before upload unexpectedly succeeded".into(),
+            ))
+        }
         Err(e) => writeln!(out, "{}", e.strip_backtrace())?,
     }
 
@@ -138,24 +180,46 @@ pub async fn run(data_dir: &Path, out: &mut impl Write) -> Result<()> {
     let table_dir = data_dir.join(TABLE);
     let table = EncryptedTable::create(&table_dir, encrypted_schema, &encrypted)?;
     let rows: usize = encrypted.iter().map(|b| b.num_rows()).sum();
-    let bytes: u64 = std::fs::read_dir(&table_dir)?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
-    writeln!(out, "{rows} rows (key id {}, {bytes} bytes of Parquet in {})", key.id(), table_dir.display())?;
+    let bytes: u64 = std::fs::read_dir(&table_dir)?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    writeln!(
+        out,
+        "{rows} rows (key id {}, {bytes} bytes of Parquet in {})",
+        key.id(),
+        table_dir.display()
+    )?;
     ctx.register_table(TABLE, Arc::new(table))?;
 
     for (title, over) in [("area", "AREA"), ("age", "AGE GROUP"), ("sex", "SEX")] {
         writeln!(out, "aggregate by {title} and decrypt:")?;
-        let results = ctx.sql(&aggregation_sql(TABLE, over, "he_sum")?).await?.collect().await?;
-        let decrypted = results.iter().map(|b| decrypt_batch(&key, b)).collect::<Result<Vec<_>>>()?;
+        let results = ctx
+            .sql(&aggregation_sql(TABLE, over, "he_sum")?)
+            .await?
+            .collect()
+            .await?;
+        let decrypted = results
+            .iter()
+            .map(|b| decrypt_batch(&key, b))
+            .collect::<Result<Vec<_>>>()?;
         write!(out, "{}", format_grouped(&decrypted, 2)?)?;
         let groups: usize = decrypted.iter().map(|b| b.num_rows()).sum();
         writeln!(out, "[{groups} rows x {} columns]", YEARS.len())?;
         let checked = verify(&plain, over, &decrypted).await?;
-        writeln!(out, "verified: all {checked} sums equal plaintext DataFusion SUM")?;
+        writeln!(
+            out,
+            "verified: all {checked} sums equal plaintext DataFusion SUM"
+        )?;
     }
 
     writeln!(out, "aggregate with invalid param:")?;
     match aggregation_sql(TABLE, "INVALID", "he_sum") {
-        Ok(_) => return Err(HedfError::Invalid("invalid aggregation unexpectedly accepted".into())),
+        Ok(_) => {
+            return Err(HedfError::Invalid(
+                "invalid aggregation unexpectedly accepted".into(),
+            ))
+        }
         Err(e) => writeln!(out, "{e}")?,
     }
 
@@ -164,7 +228,11 @@ pub async fn run(data_dir: &Path, out: &mut impl Write) -> Result<()> {
     std::fs::remove_dir_all(&table_dir)?;
     writeln!(out, "check encrypted data no longer on server:")?;
     match ctx.sql(&format!("SELECT COUNT(*) FROM {TABLE}")).await {
-        Ok(_) => return Err(HedfError::Invalid("table still present after delete".into())),
+        Ok(_) => {
+            return Err(HedfError::Invalid(
+                "table still present after delete".into(),
+            ))
+        }
         Err(e) => writeln!(out, "{}", e.strip_backtrace())?,
     }
     Ok(())

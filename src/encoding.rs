@@ -46,7 +46,11 @@ impl MeasureSpec {
             // One bit more than the magnitude so the signed top limb stays below 2^25.
             ((bits + 1).div_ceil(MAX_LIMB_BITS), MAX_LIMB_BITS)
         };
-        Ok(MeasureSpec { scale, limbs: limbs as u8, limb_bits: limb_bits as u8 })
+        Ok(MeasureSpec {
+            scale,
+            limbs: limbs as u8,
+            limb_bits: limb_bits as u8,
+        })
     }
 
     /// Checks a spec read from untrusted metadata or cells.
@@ -58,7 +62,9 @@ impl MeasureSpec {
         if ok {
             Ok(())
         } else {
-            Err(HedfError::Malformed(format!("invalid measure encoding {self:?}")))
+            Err(HedfError::Malformed(format!(
+                "invalid measure encoding {self:?}"
+            )))
         }
     }
 
@@ -90,7 +96,11 @@ impl MeasureSpec {
         let last = out.len() - 1;
         for (i, limb) in out.iter_mut().enumerate() {
             let shifted = v >> (MAX_LIMB_BITS as usize * i);
-            *limb = if i == last { shifted } else { shifted & ((1 << MAX_LIMB_BITS) - 1) };
+            *limb = if i == last {
+                shifted
+            } else {
+                shifted & ((1 << MAX_LIMB_BITS) - 1)
+            };
         }
     }
 
@@ -166,7 +176,15 @@ mod tests {
     #[test]
     fn limbs_split_and_join_exactly_at_the_extremes() {
         let spec = MeasureSpec::for_precision(18, 0).unwrap();
-        for v in [0, 1, -1, i64::MAX, i64::MIN, 999_999_999_999_999_999, -(1 << 50) - 7] {
+        for v in [
+            0,
+            1,
+            -1,
+            i64::MAX,
+            i64::MIN,
+            999_999_999_999_999_999,
+            -(1 << 50) - 7,
+        ] {
             let mut limbs = [0i64; 3];
             spec.split(v, &mut limbs);
             assert!(limbs.iter().all(|l| l.abs() < 1 << 25), "{v}: {limbs:?}");
@@ -182,7 +200,9 @@ mod tests {
         assert_eq!(parse_decimal("12", 1), Ok(120));
         assert_eq!(parse_decimal("1.50", 1), Ok(15));
         assert_eq!(parse_decimal(".5", 1), Ok(5));
-        assert!(parse_decimal("1.55", 1).unwrap_err().contains("more than 1 decimal"));
+        assert!(parse_decimal("1.55", 1)
+            .unwrap_err()
+            .contains("more than 1 decimal"));
         assert!(parse_decimal("abc", 1).is_err());
         assert!(parse_decimal("-", 1).is_err());
         assert!(parse_decimal("99999999999999999999", 0).is_err());

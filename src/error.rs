@@ -4,8 +4,14 @@
 #[derive(Debug, thiserror::Error)]
 pub enum HedfError {
     #[error("key mismatch: {what} was encrypted with key id {found}; the loaded key is {loaded}")]
-    KeyMismatch { what: String, found: String, loaded: String },
-    #[error("mixed keys: he_sum got ciphertexts of key ids {first} and {second}; a sum needs one key")]
+    KeyMismatch {
+        what: String,
+        found: String,
+        loaded: String,
+    },
+    #[error(
+        "mixed keys: he_sum got ciphertexts of key ids {first} and {second}; a sum needs one key"
+    )]
     MixedKeys { first: String, second: String },
     #[error("malformed ciphertext: {0}")]
     Malformed(String),
@@ -14,9 +20,18 @@ pub enum HedfError {
          decrypt exactly only up to {max_rows} rows per sum ({why}); split the query (e.g. finer \
          GROUP BY or WHERE) or re-encrypt the column with a wider declared precision"
     )]
-    BudgetExceeded { column: String, rows: u64, max_rows: u64, why: String },
+    BudgetExceeded {
+        column: String,
+        rows: u64,
+        max_rows: u64,
+        why: String,
+    },
     #[error("value out of range in column {column}, row {row}: {why}")]
-    Encoding { column: String, row: usize, why: String },
+    Encoding {
+        column: String,
+        row: usize,
+        why: String,
+    },
     #[error("invalid input: {0}")]
     Invalid(String),
     #[error("invalid key file: {0}")]

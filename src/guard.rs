@@ -50,11 +50,15 @@ fn check_node(node: &LogicalPlan) -> Result<()> {
         return Ok(());
     }
     match node {
-        LogicalPlan::Projection(p) => {
-            p.expr.iter().filter(|e| !is_bare_column(e)).try_for_each(|e| refuse_use(e, &encrypted, "computed on"))
-        }
+        LogicalPlan::Projection(p) => p
+            .expr
+            .iter()
+            .filter(|e| !is_bare_column(e))
+            .try_for_each(|e| refuse_use(e, &encrypted, "computed on")),
         LogicalPlan::Aggregate(a) => {
-            a.group_expr.iter().try_for_each(|e| refuse_use(e, &encrypted, "grouped by"))?;
+            a.group_expr
+                .iter()
+                .try_for_each(|e| refuse_use(e, &encrypted, "grouped by"))?;
             for e in &a.aggr_expr {
                 if let Expr::AggregateFunction(f) = e.clone().unalias_nested().data {
                     if let Some(filter) = &f.params.filter {
@@ -68,13 +72,28 @@ fn check_node(node: &LogicalPlan) -> Result<()> {
             Ok(())
         }
         LogicalPlan::Distinct(Distinct::All(_)) => match encrypted.iter().next() {
-            Some(col) => plan_err!("{} is encrypted: DISTINCT would compare ciphertexts", col.name),
+            Some(col) => plan_err!(
+                "{} is encrypted: DISTINCT would compare ciphertexts",
+                col.name
+            ),
             None => Ok(()),
         },
-        LogicalPlan::Sort(_) => node.expressions().iter().try_for_each(|e| refuse_use(e, &encrypted, "ordered by")),
-        LogicalPlan::Filter(_) => node.expressions().iter().try_for_each(|e| refuse_use(e, &encrypted, "compared in a filter")),
-        LogicalPlan::Join(_) => node.expressions().iter().try_for_each(|e| refuse_use(e, &encrypted, "joined on")),
-        _ => node.expressions().iter().try_for_each(|e| refuse_use(e, &encrypted, "used in")),
+        LogicalPlan::Sort(_) => node
+            .expressions()
+            .iter()
+            .try_for_each(|e| refuse_use(e, &encrypted, "ordered by")),
+        LogicalPlan::Filter(_) => node
+            .expressions()
+            .iter()
+            .try_for_each(|e| refuse_use(e, &encrypted, "compared in a filter")),
+        LogicalPlan::Join(_) => node
+            .expressions()
+            .iter()
+            .try_for_each(|e| refuse_use(e, &encrypted, "joined on")),
+        _ => node
+            .expressions()
+            .iter()
+            .try_for_each(|e| refuse_use(e, &encrypted, "used in")),
     }
 }
 
@@ -90,7 +109,10 @@ fn is_allowed_aggregate(e: &Expr) -> bool {
             (name == HE_SUM || name == "count")
                 && !params.distinct
                 && params.order_by.is_empty()
-                && params.args.iter().all(|a| is_bare_column(a) || matches!(a, Expr::Literal(..)))
+                && params
+                    .args
+                    .iter()
+                    .all(|a| is_bare_column(a) || matches!(a, Expr::Literal(..)))
         }
         _ => false,
     }

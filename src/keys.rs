@@ -43,7 +43,9 @@ pub struct ClientKey {
 impl fmt::Debug for ClientKey {
     // Never print secret material, even in debug output.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientKey").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("ClientKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -89,7 +91,11 @@ impl ClientKey {
         out.extend_from_slice(&self.id.0.to_le_bytes());
         out.extend_from_slice(&(bits.len() as u32).to_le_bytes());
         for byte in bits.chunks(8) {
-            out.push(byte.iter().enumerate().fold(0u8, |acc, (i, &b)| acc | ((b as u8) << i)));
+            out.push(
+                byte.iter()
+                    .enumerate()
+                    .fold(0u8, |acc, (i, &b)| acc | ((b as u8) << i)),
+            );
         }
         out
     }
@@ -114,7 +120,8 @@ impl ClientKey {
             .iter()
             .flat_map(|byte| (0..8).map(move |i| u64::from((byte >> i) & 1)))
             .collect();
-        let secret = GlweSecretKeyOwned::from_container(coefficients, PolynomialSize(POLYNOMIAL_SIZE));
+        let secret =
+            GlweSecretKeyOwned::from_container(coefficients, PolynomialSize(POLYNOMIAL_SIZE));
         Ok(ClientKey { id, secret })
     }
 
@@ -162,7 +169,10 @@ mod tests {
         assert!(ClientKey::from_bytes(&bytes[..bytes.len() - 1]).is_err());
         let mut wrong = bytes.clone();
         wrong[9] = 99;
-        assert!(ClientKey::from_bytes(&wrong).unwrap_err().to_string().contains("parameter set"));
+        assert!(ClientKey::from_bytes(&wrong)
+            .unwrap_err()
+            .to_string()
+            .contains("parameter set"));
         assert!(!format!("{key:?}").contains("secret"));
     }
 
@@ -172,12 +182,19 @@ mod tests {
         let path = dir.path().join("client.key");
         let key = ClientKey::generate();
         key.save(&path, false).unwrap();
-        assert!(ClientKey::generate().save(&path, false).unwrap_err().to_string().contains("--force"));
+        assert!(ClientKey::generate()
+            .save(&path, false)
+            .unwrap_err()
+            .to_string()
+            .contains("--force"));
         ClientKey::generate().save(&path, true).unwrap();
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
     }
 }

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use hedf::keys::ClientKey;
 
 #[derive(Parser)]
-#[command(name = "hedf", version, about = "SQL over homomorphically encrypted measures")]
+#[command(
+    name = "hedf",
+    version,
+    about = "SQL over homomorphically encrypted measures"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

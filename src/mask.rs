@@ -59,7 +59,10 @@ impl MaskGenerator {
             chunk_compression_seed(seed, chunk),
             CiphertextModulus::new_native(),
         );
-        decompress_seeded_glwe_ciphertext::<_, _, _, DefaultRandomGenerator>(&mut self.out, &seeded);
+        decompress_seeded_glwe_ciphertext::<_, _, _, DefaultRandomGenerator>(
+            &mut self.out,
+            &seeded,
+        );
         self.seeded = Some(seeded);
         &self.out.as_ref()[..POLYNOMIAL_SIZE * GLWE_DIMENSION]
     }

@@ -56,7 +56,11 @@ mod tests {
 
     #[test]
     fn budget_meets_the_2_pow_20_rows_floor_for_every_limb_width() {
-        assert!(noise_max_rows() > 1 << 24, "noise budget {}", noise_max_rows());
+        assert!(
+            noise_max_rows() > 1 << 24,
+            "noise budget {}",
+            noise_max_rows()
+        );
         for bits in 1..=MAX_LIMB_BITS {
             assert!(max_rows(bits) >= 1 << 20, "{bits} bits: {}", max_rows(bits));
         }

@@ -3,7 +3,10 @@
 
 use std::sync::{Arc, OnceLock};
 
-use arrow::array::{Array, ArrayRef, AsArray, Decimal128Array, FixedSizeBinaryArray, Int64Array, RecordBatch, StringArray};
+use arrow::array::{
+    Array, ArrayRef, AsArray, Decimal128Array, FixedSizeBinaryArray, Int64Array, RecordBatch,
+    StringArray,
+};
 use arrow::datatypes::Decimal128Type;
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
@@ -21,16 +24,28 @@ fn key() -> &'static ClientKey {
 }
 
 fn context(partitions: usize, batch_size: usize) -> SessionContext {
-    hedf::session::new_context_with_config(SessionConfig::new().with_target_partitions(partitions).with_batch_size(batch_size))
+    hedf::session::new_context_with_config(
+        SessionConfig::new()
+            .with_target_partitions(partitions)
+            .with_batch_size(batch_size),
+    )
 }
 
 /// Registers `plain` encrypted as `name` and in plaintext as `{name}_plain`.
-fn register(ctx: &SessionContext, dir: &std::path::Path, name: &str, key: &ClientKey, plain: &[RecordBatch], measures: &[MeasureColumn]) {
+fn register(
+    ctx: &SessionContext,
+    dir: &std::path::Path,
+    name: &str,
+    key: &ClientKey,
+    plain: &[RecordBatch],
+    measures: &[MeasureColumn],
+) {
     let (schema, encrypted) = encrypt_batches(key, plain, measures).unwrap();
     let table = EncryptedTable::create(&dir.join(name), schema, &encrypted).unwrap();
     ctx.register_table(name, Arc::new(table)).unwrap();
     let plain_table = MemTable::try_new(plain[0].schema(), vec![plain.to_vec()]).unwrap();
-    ctx.register_table(format!("{name}_plain"), Arc::new(plain_table)).unwrap();
+    ctx.register_table(format!("{name}_plain"), Arc::new(plain_table))
+        .unwrap();
 }
 
 async fn run(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<Vec<RecordBatch>> {
@@ -55,7 +70,12 @@ fn decimals(batches: &[RecordBatch]) -> Vec<Vec<Option<i128>>> {
 }
 
 /// Runs `encrypted_sql` (he_sum) and `plain_sql` (SUM); decrypted results must equal plaintext.
-async fn assert_same(ctx: &SessionContext, key: &ClientKey, encrypted_sql: &str, plain_sql: &str) -> usize {
+async fn assert_same(
+    ctx: &SessionContext,
+    key: &ClientKey,
+    encrypted_sql: &str,
+    plain_sql: &str,
+) -> usize {
     let got = run(ctx, encrypted_sql).await.unwrap();
     let got: Vec<RecordBatch> = got.iter().map(|b| decrypt_batch(key, b).unwrap()).collect();
     let want = run(ctx, plain_sql).await.unwrap();
@@ -65,9 +85,20 @@ async fn assert_same(ctx: &SessionContext, key: &ClientKey, encrypted_sql: &str,
     want.len()
 }
 
-fn table(groups: Vec<String>, v: Vec<Option<i128>>, w: Vec<Option<i128>>, scale: i8) -> RecordBatch {
+fn table(
+    groups: Vec<String>,
+    v: Vec<Option<i128>>,
+    w: Vec<Option<i128>>,
+    scale: i8,
+) -> RecordBatch {
     let k = Int64Array::from((0..groups.len() as i64).collect::<Vec<_>>());
-    let dec = |x: Vec<Option<i128>>| Arc::new(Decimal128Array::from(x).with_precision_and_scale(18, scale).unwrap()) as ArrayRef;
+    let dec = |x: Vec<Option<i128>>| {
+        Arc::new(
+            Decimal128Array::from(x)
+                .with_precision_and_scale(18, scale)
+                .unwrap(),
+        ) as ArrayRef
+    };
     RecordBatch::try_from_iter(vec![
         ("g", Arc::new(StringArray::from(groups)) as ArrayRef),
         ("k", Arc::new(k) as ArrayRef),
@@ -78,7 +109,10 @@ fn table(groups: Vec<String>, v: Vec<Option<i128>>, w: Vec<Option<i128>>, scale:
 }
 
 fn measures(scale: i8) -> Vec<MeasureColumn> {
-    vec![MeasureColumn::new("v", scale), MeasureColumn::new("w", scale).with_precision(18)]
+    vec![
+        MeasureColumn::new("v", scale),
+        MeasureColumn::new("w", scale).with_precision(18),
+    ]
 }
 
 const SUM_BY_G: (&str, &str) = (
@@ -115,10 +149,29 @@ async fn a_group_of_100_000_rows_next_to_groups_of_one() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(2, 8192);
     let n = 100_000usize;
-    let groups = (0..n).map(|i| if i % 25_000 == 7 { format!("single{i}") } else { "big".into() }).collect();
-    let v = (0..n).map(|i| Some((i as i128 * 7919) % 200_001 - 100_000)).collect();
-    let w = (0..n).map(|i| (i % 3 != 0).then(|| i as i128 * 1_000_000_007 - 3)).collect();
-    register(&ctx, dir.path(), "t", key(), &[table(groups, v, w, 2)], &measures(2));
+    let groups = (0..n)
+        .map(|i| {
+            if i % 25_000 == 7 {
+                format!("single{i}")
+            } else {
+                "big".into()
+            }
+        })
+        .collect();
+    let v = (0..n)
+        .map(|i| Some((i as i128 * 7919) % 200_001 - 100_000))
+        .collect();
+    let w = (0..n)
+        .map(|i| (i % 3 != 0).then(|| i as i128 * 1_000_000_007 - 3))
+        .collect();
+    register(
+        &ctx,
+        dir.path(),
+        "t",
+        key(),
+        &[table(groups, v, w, 2)],
+        &measures(2),
+    );
     assert_eq!(assert_same(&ctx, key(), SUM_BY_G.0, SUM_BY_G.1).await, 5);
     // Selective WHERE and HAVING on plaintext columns around encrypted sums.
     assert_same(
@@ -133,15 +186,32 @@ async fn a_group_of_100_000_rows_next_to_groups_of_one() {
 #[tokio::test]
 async fn skip_partial_aggregation_path_is_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = SessionConfig::new().with_target_partitions(2).with_batch_size(256);
-    config.options_mut().execution.skip_partial_aggregation_probe_rows_threshold = 1;
-    config.options_mut().execution.skip_partial_aggregation_probe_ratio_threshold = 0.0;
+    let mut config = SessionConfig::new()
+        .with_target_partitions(2)
+        .with_batch_size(256);
+    config
+        .options_mut()
+        .execution
+        .skip_partial_aggregation_probe_rows_threshold = 1;
+    config
+        .options_mut()
+        .execution
+        .skip_partial_aggregation_probe_ratio_threshold = 0.0;
     let ctx = hedf::session::new_context_with_config(config);
     let n = 3000;
     let groups = (0..n).map(|i| format!("g{}", (i * 37) % 1000)).collect();
     let v = (0..n).map(|i| Some(i as i128 - 1500)).collect();
-    let w = (0..n).map(|i| (i % 5 != 0).then_some(i as i128 * 3)).collect();
-    register(&ctx, dir.path(), "t", key(), &[table(groups, v, w, 1)], &measures(1));
+    let w = (0..n)
+        .map(|i| (i % 5 != 0).then_some(i as i128 * 3))
+        .collect();
+    register(
+        &ctx,
+        dir.path(),
+        "t",
+        key(),
+        &[table(groups, v, w, 1)],
+        &measures(1),
+    );
     assert_eq!(assert_same(&ctx, key(), SUM_BY_G.0, SUM_BY_G.1).await, 1000);
 }
 
@@ -151,12 +221,28 @@ async fn select_star_returns_cells_that_decrypt_to_the_plaintext() {
     let ctx = context(2, 100);
     let n = 5000;
     let groups = (0..n).map(|i| format!("g{}", i % 3)).collect();
-    let v = (0..n).map(|i| (i % 7 != 0).then_some(i as i128 * -13)).collect();
-    let w = (0..n).map(|i| Some(i as i128 * 1_000_000_000_000)).collect();
-    register(&ctx, dir.path(), "t", key(), &[table(groups, v, w, 3)], &measures(3));
+    let v = (0..n)
+        .map(|i| (i % 7 != 0).then_some(i as i128 * -13))
+        .collect();
+    let w = (0..n)
+        .map(|i| Some(i as i128 * 1_000_000_000_000))
+        .collect();
+    register(
+        &ctx,
+        dir.path(),
+        "t",
+        key(),
+        &[table(groups, v, w, 3)],
+        &measures(3),
+    );
     let got = run(&ctx, "SELECT k, v, w FROM t ORDER BY k").await.unwrap();
-    let got: Vec<RecordBatch> = got.iter().map(|b| decrypt_batch(key(), b).unwrap()).collect();
-    let want = run(&ctx, "SELECT k, v, w FROM t_plain ORDER BY k").await.unwrap();
+    let got: Vec<RecordBatch> = got
+        .iter()
+        .map(|b| decrypt_batch(key(), b).unwrap())
+        .collect();
+    let want = run(&ctx, "SELECT k, v, w FROM t_plain ORDER BY k")
+        .await
+        .unwrap();
     assert_eq!(decimals(&got), decimals(&want));
 }
 
@@ -169,10 +255,20 @@ async fn stored_ciphertext_costs_at_most_12_bytes_per_value() {
     let batch = table(groups, v.clone(), v, 1);
     let plain_only = batch.project(&[0, 1]).unwrap();
     let ctx = context(1, 8192);
-    register(&ctx, dir.path(), "t", key(), &[batch], &[MeasureColumn::new("v", 1), MeasureColumn::new("w", 1)]);
+    register(
+        &ctx,
+        dir.path(),
+        "t",
+        key(),
+        &[batch],
+        &[MeasureColumn::new("v", 1), MeasureColumn::new("w", 1)],
+    );
     register(&ctx, dir.path(), "p", key(), &[plain_only], &[]);
     let size = |name: &str| -> u64 {
-        std::fs::read_dir(dir.path().join(name)).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+        std::fs::read_dir(dir.path().join(name))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
     };
     let per_value = (size("t") - size("p")) as f64 / (2 * n) as f64;
     assert!(per_value <= 12.0, "{per_value} bytes per encrypted value");
@@ -187,22 +283,42 @@ fn seed_tables_are_reproduced_exactly() {
     let out = String::from_utf8(out).unwrap();
     let seed = include_str!("fixtures/seed_readme.txt");
     let number = |s: &str| -> Vec<String> {
-        s.split_whitespace().filter(|w| w.contains('.') && w.parse::<f64>().is_ok()).map(String::from).collect()
+        s.split_whitespace()
+            .filter(|w| w.contains('.') && w.parse::<f64>().is_ok())
+            .map(String::from)
+            .collect()
     };
     let start = seed.find("aggregate by area and decrypt:").unwrap();
     let end = seed.find("aggregate with invalid param:").unwrap();
-    let want: Vec<Vec<String>> = seed[start..end].lines().map(number).filter(|v| v.len() == 5).collect();
+    let want: Vec<Vec<String>> = seed[start..end]
+        .lines()
+        .map(number)
+        .filter(|v| v.len() == 5)
+        .collect();
     assert_eq!(want.len(), 56);
     let lines: Vec<Vec<String>> = out.lines().map(number).collect();
     for row in &want {
-        assert!(lines.iter().any(|l| l.windows(5).any(|w| w == row.as_slice())), "seed row {row:?} missing from:\n{out}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.windows(5).any(|w| w == row.as_slice())),
+            "seed row {row:?} missing from:\n{out}"
+        );
     }
-    assert!(out.contains("must be one of [\"AREA\", \"AGE GROUP\", \"SEX\"]"), "{out}");
+    assert!(
+        out.contains("must be one of [\"AREA\", \"AGE GROUP\", \"SEX\"]"),
+        "{out}"
+    );
     assert_eq!(out.matches("verified: all").count(), 3);
 }
 
 fn small_table() -> RecordBatch {
-    table(vec!["a".into(), "a".into(), "b".into()], vec![Some(10), Some(-3), Some(5)], vec![Some(1), None, Some(2)], 1)
+    table(
+        vec!["a".into(), "a".into(), "b".into()],
+        vec![Some(10), Some(-3), Some(5)],
+        vec![Some(1), None, Some(2)],
+        1,
+    )
 }
 
 #[tokio::test]
@@ -214,15 +330,24 @@ async fn ciphertext_misuse_is_refused_at_planning() {
         ("SELECT * FROM t ORDER BY v", "ordered by"),
         ("SELECT g FROM t WHERE v > 'x'", "encrypted"),
         ("SELECT v, COUNT(*) FROM t GROUP BY v", "grouped by"),
-        ("SELECT g, he_sum(v) FROM t GROUP BY g HAVING he_sum(v) > 'a'", "encrypted"),
-        ("SELECT g, he_sum(v) AS s FROM t GROUP BY g ORDER BY s", "encrypted"),
+        (
+            "SELECT g, he_sum(v) FROM t GROUP BY g HAVING he_sum(v) > 'a'",
+            "encrypted",
+        ),
+        (
+            "SELECT g, he_sum(v) AS s FROM t GROUP BY g ORDER BY s",
+            "encrypted",
+        ),
         ("SELECT DISTINCT v FROM t", "encrypted"),
         ("SELECT CAST(v AS BYTEA) FROM t", "computed on"),
         ("SELECT MIN(v) FROM t", "aggregated with"),
         ("SELECT COUNT(DISTINCT v) FROM t", "aggregated with"),
         ("SELECT a.g FROM t a JOIN t b ON a.v = b.v", "encrypted"),
         ("SELECT he_sum(k) FROM t", "plaintext Int64 column"),
-        ("SELECT he_sum(s) FROM (SELECT he_sum(v) AS s FROM t)", "already a sum"),
+        (
+            "SELECT he_sum(s) FROM (SELECT he_sum(v) AS s FROM t)",
+            "already a sum",
+        ),
         ("SELECT he_sum(nope) FROM t", "nope"),
         ("SELECT he_sum(v) FROM missing_table", "missing_table"),
     ];
@@ -249,11 +374,26 @@ async fn wrong_and_mixed_keys_are_refused() {
     let ctx = context(2, 16);
     let other = ClientKey::generate();
     register(&ctx, dir.path(), "t", key(), &[small_table()], &measures(1));
-    register(&ctx, dir.path(), "u", &other, &[small_table()], &measures(1));
+    register(
+        &ctx,
+        dir.path(),
+        "u",
+        &other,
+        &[small_table()],
+        &measures(1),
+    );
     let result = run(&ctx, "SELECT he_sum(v) FROM t").await.unwrap();
     let err = decrypt_batch(&other, &result[0]).unwrap_err().to_string();
-    assert!(err.contains(&format!("key id {}", key().id())) && err.contains(&other.id().to_string()), "{err}");
-    let err = run(&ctx, "SELECT he_sum(v) FROM (SELECT v FROM t UNION ALL SELECT v FROM u)").await.unwrap_err();
+    assert!(
+        err.contains(&format!("key id {}", key().id())) && err.contains(&other.id().to_string()),
+        "{err}"
+    );
+    let err = run(
+        &ctx,
+        "SELECT he_sum(v) FROM (SELECT v FROM t UNION ALL SELECT v FROM u)",
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("mixed keys"), "{err}");
 }
 
@@ -274,10 +414,17 @@ async fn malformed_ciphertexts_are_refused_and_stored_data_survives() {
     let mut garbled = cells.value_data().to_vec();
     garbled[0] ^= 0xff;
     let garbled = FixedSizeBinaryArray::new(width as i32, garbled.into(), None);
-    let err = EncryptedTable::create(&dir.path().join("g"), schema.clone(), &[with_cells(garbled.clone()).unwrap()]).unwrap_err();
+    let err = EncryptedTable::create(
+        &dir.path().join("g"),
+        schema.clone(),
+        &[with_cells(garbled.clone()).unwrap()],
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("mixed keys"), "{err}");
     // A truncated cell cannot even form a batch of the table's schema.
-    let truncated = FixedSizeBinaryArray::try_from_iter(cells.iter().map(|c| c.unwrap()[..width - 1].to_vec())).unwrap();
+    let truncated =
+        FixedSizeBinaryArray::try_from_iter(cells.iter().map(|c| c.unwrap()[..width - 1].to_vec()))
+            .unwrap();
     assert!(with_cells(truncated).is_err());
 
     // he_sum over garbled cells that bypass storage is an error, not a number.
@@ -295,7 +442,12 @@ async fn malformed_ciphertexts_are_refused_and_stored_data_survives() {
     let before = run(&ctx, "SELECT he_sum(v) FROM t").await.unwrap();
     let before = decimals(&[decrypt_batch(key(), &before[0]).unwrap()]);
     assert_eq!(before, vec![vec![Some(12)]]);
-    let file = std::fs::read_dir(&table_dir).unwrap().next().unwrap().unwrap().path();
+    let file = std::fs::read_dir(&table_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
     let err = EncryptedTable::open(&table_dir).unwrap_err();
@@ -309,7 +461,9 @@ async fn sums_over_the_budget_are_refused_by_server_and_client() {
     register(&ctx, dir.path(), "t", key(), &[small_table()], &measures(1));
     let result = run(&ctx, "SELECT he_sum(v) FROM t").await.unwrap();
     let field = result[0].schema().field(0).clone();
-    let (_, crypto) = ColumnCrypto::from_metadata(field.metadata()).unwrap().unwrap();
+    let (_, crypto) = ColumnCrypto::from_metadata(field.metadata())
+        .unwrap()
+        .unwrap();
     let sum = result[0].column(0).as_binary::<i64>().value(0).to_vec();
     assert_eq!(decrypt_sum(key(), &sum, "v").unwrap(), 12);
 
@@ -318,16 +472,26 @@ async fn sums_over_the_budget_are_refused_by_server_and_client() {
     let mut forged = sum.clone();
     forged[17..25].copy_from_slice(&max.to_le_bytes());
     let mut acc = HeSumAccumulator::new("v".into(), crypto);
-    let state: ArrayRef = Arc::new(arrow::array::LargeBinaryArray::from_iter_values([forged.clone()]));
+    let state: ArrayRef = Arc::new(arrow::array::LargeBinaryArray::from_iter_values([
+        forged.clone()
+    ]));
     acc.merge_batch(&[state], &[0], 1).unwrap();
-    assert!(acc.evaluate(EmitTo::All).is_ok(), "exactly max_rows is within budget");
-    let state: ArrayRef = Arc::new(arrow::array::LargeBinaryArray::from_iter_values([forged.clone()]));
+    assert!(
+        acc.evaluate(EmitTo::All).is_ok(),
+        "exactly max_rows is within budget"
+    );
+    let state: ArrayRef = Arc::new(arrow::array::LargeBinaryArray::from_iter_values([
+        forged.clone()
+    ]));
     acc.merge_batch(&[state], &[0], 1).unwrap();
     let (_, encrypted) = encrypt_batches(key(), &[small_table()], &measures(1)).unwrap();
     let cells = encrypted[0].column(2).clone();
     acc.update_batch(&[cells], &[0, 0, 0], None, 1).unwrap();
     let err = acc.evaluate(EmitTo::All).unwrap_err().to_string();
-    assert!(err.contains("budget exceeded") && err.contains(&max.to_string()), "{err}");
+    assert!(
+        err.contains("budget exceeded") && err.contains(&max.to_string()),
+        "{err}"
+    );
 
     // The client does not trust the server's check either.
     forged[17..25].copy_from_slice(&(max + 1).to_le_bytes());

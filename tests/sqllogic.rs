@@ -29,8 +29,14 @@ impl AsyncDB for HedfDb {
 
     async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, hedf::HedfError> {
         let batches = self.ctx.sql(sql).await?.collect().await?;
-        let plain = batches.iter().map(|b| decrypt_batch(&self.key, b)).collect::<hedf::Result<Vec<_>>>()?;
-        Ok(DBOutput::Rows { types: column_types(&plain), rows: rows(&plain)? })
+        let plain = batches
+            .iter()
+            .map(|b| decrypt_batch(&self.key, b))
+            .collect::<hedf::Result<Vec<_>>>()?;
+        Ok(DBOutput::Rows {
+            types: column_types(&plain),
+            rows: rows(&plain)?,
+        })
     }
 
     async fn shutdown(&mut self) {}
@@ -61,28 +67,53 @@ fn measures_plain() -> RecordBatch {
     use arrow::array::{Decimal128Array, Int64Array, StringArray};
     let g = StringArray::from(vec!["a", "a", "a", "b", "b", "c", "d", "d"]);
     let k = Int64Array::from(vec![1, 2, 3, 4, 5, 6, 7, 8]);
-    let v = Decimal128Array::from(vec![Some(150), Some(-275), None, Some(1), Some(-1), None, Some(99999), Some(-100000)])
-        .with_precision_and_scale(8, 2)
-        .unwrap();
-    RecordBatch::try_from_iter(vec![("g", Arc::new(g) as _), ("k", Arc::new(k) as _), ("v", Arc::new(v) as _)]).unwrap()
+    let v = Decimal128Array::from(vec![
+        Some(150),
+        Some(-275),
+        None,
+        Some(1),
+        Some(-1),
+        None,
+        Some(99999),
+        Some(-100000),
+    ])
+    .with_precision_and_scale(8, 2)
+    .unwrap();
+    RecordBatch::try_from_iter(vec![
+        ("g", Arc::new(g) as _),
+        ("k", Arc::new(k) as _),
+        ("v", Arc::new(v) as _),
+    ])
+    .unwrap()
 }
 
 async fn session(dir: &std::path::Path, key: &ClientKey) -> SessionContext {
-    let config = SessionConfig::new().with_target_partitions(2).with_batch_size(16);
+    let config = SessionConfig::new()
+        .with_target_partitions(2)
+        .with_batch_size(16);
     let ctx = hedf::session::new_context_with_config(config);
     let (schema, population) = hedf::demo::population().unwrap();
-    let years: Vec<MeasureColumn> = hedf::demo::YEARS.iter().map(|y| MeasureColumn::new(*y, 1)).collect();
+    let years: Vec<MeasureColumn> = hedf::demo::YEARS
+        .iter()
+        .map(|y| MeasureColumn::new(*y, 1))
+        .collect();
     let measures = measures_plain();
     let tables = [
         ("population", schema, population, years),
-        ("measures", measures.schema(), vec![measures], vec![MeasureColumn::new("v", 2)]),
+        (
+            "measures",
+            measures.schema(),
+            vec![measures],
+            vec![MeasureColumn::new("v", 2)],
+        ),
     ];
     for (name, schema, plain, columns) in tables {
         let (encrypted_schema, encrypted) = encrypt_batches(key, &plain, &columns).unwrap();
         let table = EncryptedTable::create(&dir.join(name), encrypted_schema, &encrypted).unwrap();
         ctx.register_table(name, Arc::new(table)).unwrap();
         let plain_table = MemTable::try_new(schema, vec![plain]).unwrap();
-        ctx.register_table(format!("{name}_plain"), Arc::new(plain_table)).unwrap();
+        ctx.register_table(format!("{name}_plain"), Arc::new(plain_table))
+            .unwrap();
     }
     ctx
 }
@@ -103,7 +134,10 @@ async fn main() {
     for file in &files {
         let (ctx, key) = (ctx.clone(), key.clone());
         let mut runner = sqllogictest::Runner::new(move || {
-            let db = HedfDb { ctx: ctx.clone(), key: key.clone() };
+            let db = HedfDb {
+                ctx: ctx.clone(),
+                key: key.clone(),
+            };
             async move { Ok(db) }
         });
         match runner.run_file_async(file).await {

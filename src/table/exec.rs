@@ -11,7 +11,9 @@ use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties};
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties,
+};
 use futures::StreamExt;
 
 use super::storage::assemble_cells;
@@ -21,7 +23,12 @@ use crate::cell::ColumnCrypto;
 #[derive(Clone, Debug)]
 pub(crate) enum OutColumn {
     Plain(usize),
-    Cell { crypto: ColumnCrypto, body: usize, row: usize, seed: usize },
+    Cell {
+        crypto: ColumnCrypto,
+        body: usize,
+        row: usize,
+        seed: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -40,7 +47,12 @@ impl CellAssembleExec {
             EmissionType::Incremental,
             Boundedness::Bounded,
         ));
-        CellAssembleExec { input, schema, columns: Arc::new(columns), properties }
+        CellAssembleExec {
+            input,
+            schema,
+            columns: Arc::new(columns),
+            properties,
+        }
     }
 }
 
@@ -49,7 +61,12 @@ fn assemble(batch: RecordBatch, schema: &SchemaRef, columns: &[OutColumn]) -> Re
         .iter()
         .map(|c| match c {
             OutColumn::Plain(i) => Ok(batch.column(*i).clone()),
-            OutColumn::Cell { crypto, body, row, seed } => Ok(Arc::new(assemble_cells(
+            OutColumn::Cell {
+                crypto,
+                body,
+                row,
+                seed,
+            } => Ok(Arc::new(assemble_cells(
                 crypto,
                 batch.column(*body),
                 batch.column(*row),
@@ -58,7 +75,11 @@ fn assemble(batch: RecordBatch, schema: &SchemaRef, columns: &[OutColumn]) -> Re
         })
         .collect::<Result<_>>()?;
     let options = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
-    Ok(RecordBatch::try_new_with_options(schema.clone(), out, &options)?)
+    Ok(RecordBatch::try_new_with_options(
+        schema.clone(),
+        out,
+        &options,
+    )?)
 }
 
 impl DisplayAs for CellAssembleExec {
@@ -87,14 +108,28 @@ impl ExecutionPlan for CellAssembleExec {
         Ok(TreeNodeRecursion::Continue)
     }
 
-    fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(CellAssembleExec::new(children[0].clone(), self.schema.clone(), self.columns.to_vec())))
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(CellAssembleExec::new(
+            children[0].clone(),
+            self.schema.clone(),
+            self.columns.to_vec(),
+        )))
     }
 
-    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
         let input = self.input.execute(partition, context)?;
         let (schema, columns) = (self.schema.clone(), self.columns.clone());
         let stream = input.map(move |batch| assemble(batch?, &schema, &columns));
-        Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream)))
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            stream,
+        )))
     }
 }

@@ -15,7 +15,9 @@ use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::catalog::Session;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::datasource::{TableProvider, TableType};
 use datafusion::error::Result as DfResult;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
@@ -42,9 +44,15 @@ impl EncryptedTable {
         let layout = StorageLayout::from_engine(&schema)?;
         std::fs::create_dir_all(dir)?;
         if data_files(dir)?.next().is_some() {
-            return Err(HedfError::Invalid(format!("a table already exists in {}", dir.display())));
+            return Err(HedfError::Invalid(format!(
+                "a table already exists in {}",
+                dir.display()
+            )));
         }
-        layout.write_parquet(&dir.join("part-00000.parquet"), batches.iter().cloned().map(Ok))?;
+        layout.write_parquet(
+            &dir.join("part-00000.parquet"),
+            batches.iter().cloned().map(Ok),
+        )?;
         Self::open(dir)
     }
 
@@ -53,12 +61,21 @@ impl EncryptedTable {
         let first = data_files(dir)?
             .next()
             .ok_or_else(|| HedfError::Invalid(format!("no table in {}", dir.display())))?;
-        let stored = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(first)?)?.schema().clone();
+        let stored = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(first)?)?
+            .schema()
+            .clone();
         let layout = Arc::new(StorageLayout::from_storage(&stored)?);
         let url = ListingTableUrl::parse(format!("{}/", dir.canonicalize()?.display()))?;
-        let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-        let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(layout.storage.clone());
-        Ok(EncryptedTable { dir: dir.to_path_buf(), files: ListingTable::try_new(config)?, layout })
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new(url)
+            .with_listing_options(options)
+            .with_schema(layout.storage.clone());
+        Ok(EncryptedTable {
+            dir: dir.to_path_buf(),
+            files: ListingTable::try_new(config)?,
+            layout,
+        })
     }
 
     /// The key id every encrypted column of this table carries.
@@ -92,12 +109,18 @@ impl TableProvider for EncryptedTable {
 
     /// Filters on plaintext columns go to the Parquet scan (row-group pruning); DataFusion
     /// re-applies them. Filters touching ciphertext never reach here (see `guard`).
-    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
         Ok(filters
             .iter()
             .map(|f| {
                 let plain = f.column_refs().iter().all(|c| {
-                    self.layout.engine.index_of(&c.name).is_ok_and(|i| matches!(self.layout.columns[i], ColumnLayout::Plain { .. }))
+                    self.layout
+                        .engine
+                        .index_of(&c.name)
+                        .is_ok_and(|i| matches!(self.layout.columns[i], ColumnLayout::Plain { .. }))
                 });
                 if plain {
                     TableProviderFilterPushDown::Inexact
@@ -115,7 +138,9 @@ impl TableProvider for EncryptedTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let projection: Vec<usize> = projection.cloned().unwrap_or_else(|| (0..self.layout.engine.fields().len()).collect());
+        let projection: Vec<usize> = projection
+            .cloned()
+            .unwrap_or_else(|| (0..self.layout.engine.fields().len()).collect());
         let mut stored: Vec<usize> = Vec::new();
         let mut position = |i: usize| match stored.iter().position(|&s| s == i) {
             Some(p) => p,
@@ -128,7 +153,12 @@ impl TableProvider for EncryptedTable {
             .iter()
             .map(|&i| match &self.layout.columns[i] {
                 ColumnLayout::Plain { storage } => OutColumn::Plain(position(*storage)),
-                ColumnLayout::Cell { crypto, body, row, seed } => OutColumn::Cell {
+                ColumnLayout::Cell {
+                    crypto,
+                    body,
+                    row,
+                    seed,
+                } => OutColumn::Cell {
                     crypto: *crypto,
                     body: position(*body),
                     row: position(*row),
@@ -136,7 +166,10 @@ impl TableProvider for EncryptedTable {
                 },
             })
             .collect();
-        let input = self.files.scan(state, Some(&stored), filters, limit).await?;
+        let input = self
+            .files
+            .scan(state, Some(&stored), filters, limit)
+            .await?;
         let schema = Arc::new(self.layout.engine.project(&projection)?);
         Ok(Arc::new(CellAssembleExec::new(input, schema, columns)))
     }

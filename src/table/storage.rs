@@ -32,8 +32,15 @@ const ROW_GROUP_ROWS: usize = 16 * POLYNOMIAL_SIZE;
 /// Where one engine column lives in the storage schema.
 #[derive(Clone, Debug)]
 pub(crate) enum ColumnLayout {
-    Plain { storage: usize },
-    Cell { crypto: ColumnCrypto, body: usize, row: usize, seed: usize },
+    Plain {
+        storage: usize,
+    },
+    Cell {
+        crypto: ColumnCrypto,
+        body: usize,
+        row: usize,
+        seed: usize,
+    },
 }
 
 /// The engine schema (cells), the storage schema (bodies, rows, seeds) and how they map.
@@ -58,7 +65,10 @@ impl StorageLayout {
         let mut key_id = None;
         for field in engine.fields() {
             if is_reserved(field.name()) {
-                return Err(HedfError::Invalid(format!("column name {:?} is reserved", field.name())));
+                return Err(HedfError::Invalid(format!(
+                    "column name {:?} is reserved",
+                    field.name()
+                )));
             }
             match ColumnCrypto::from_metadata(field.metadata())? {
                 None => {
@@ -69,11 +79,16 @@ impl StorageLayout {
                             field.name()
                         )));
                     }
-                    columns.push(ColumnLayout::Plain { storage: storage_fields.len() });
+                    columns.push(ColumnLayout::Plain {
+                        storage: storage_fields.len(),
+                    });
                     storage_fields.push(field.as_ref().clone());
                 }
                 Some((kind, crypto)) => {
-                    if kind != KIND_CELL || field.data_type() != &DataType::FixedSizeBinary(crypto.cell_width() as i32) {
+                    if kind != KIND_CELL
+                        || field.data_type()
+                            != &DataType::FixedSizeBinary(crypto.cell_width() as i32)
+                    {
                         return Err(HedfError::Invalid(format!(
                             "column {:?} is marked {kind} but is not a {}-byte cell column",
                             field.name(),
@@ -97,7 +112,11 @@ impl StorageLayout {
                         Field::new(field.name(), DataType::FixedSizeBinary(8 * limbs), true)
                             .with_metadata(field.metadata().clone()),
                     );
-                    extra.push(Field::new(format!("{ROW_PREFIX}{}", field.name()), DataType::UInt64, true));
+                    extra.push(Field::new(
+                        format!("{ROW_PREFIX}{}", field.name()),
+                        DataType::UInt64,
+                        true,
+                    ));
                     extra.push(Field::new(
                         format!("{SEED_PREFIX}{}", field.name()),
                         DataType::FixedSizeBinary(16 * limbs),
@@ -129,17 +148,28 @@ impl StorageLayout {
             .iter()
             .filter(|f| !is_reserved(f.name()))
             .map(|f| match ColumnCrypto::from_metadata(f.metadata()) {
-                Ok(Some((_, crypto))) => Ok(Field::new(f.name(), DataType::FixedSizeBinary(crypto.cell_width() as i32), true)
-                    .with_metadata(f.metadata().clone())),
+                Ok(Some((_, crypto))) => Ok(Field::new(
+                    f.name(),
+                    DataType::FixedSizeBinary(crypto.cell_width() as i32),
+                    true,
+                )
+                .with_metadata(f.metadata().clone())),
                 Ok(None) => Ok(f.as_ref().clone()),
                 Err(e) => Err(e),
             })
             .collect::<Result<_>>()?;
         let layout = Self::from_engine(&Schema::new(engine_fields))?;
         let matches = layout.storage.fields().len() == storage.fields().len()
-            && layout.storage.fields().iter().zip(storage.fields()).all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
+            && layout
+                .storage
+                .fields()
+                .iter()
+                .zip(storage.fields())
+                .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
         if !matches {
-            return Err(HedfError::Malformed("stored table's columns do not follow the hedf layout".into()));
+            return Err(HedfError::Malformed(
+                "stored table's columns do not follow the hedf layout".into(),
+            ));
         }
         Ok(layout)
     }
@@ -147,7 +177,9 @@ impl StorageLayout {
     /// Splits cells into stored parts, validating every cell against its column.
     pub fn to_storage(&self, batch: &RecordBatch) -> Result<RecordBatch> {
         if batch.schema().fields().len() != self.engine.fields().len() {
-            return Err(HedfError::Invalid("batch does not match the table's schema".into()));
+            return Err(HedfError::Invalid(
+                "batch does not match the table's schema".into(),
+            ));
         }
         let mut plain: Vec<ArrayRef> = Vec::new();
         let mut extra: Vec<ArrayRef> = Vec::new();
@@ -156,9 +188,15 @@ impl StorageLayout {
                 plain.push(column.clone());
                 continue;
             };
-            let cells = column.as_fixed_size_binary_opt().ok_or_else(|| HedfError::Invalid("cell column is not FixedSizeBinary".into()))?;
+            let cells = column
+                .as_fixed_size_binary_opt()
+                .ok_or_else(|| HedfError::Invalid("cell column is not FixedSizeBinary".into()))?;
             let limbs = crypto.spec.limbs as usize;
-            let (mut bodies, mut seeds, mut rows) = (Vec::with_capacity(cells.len() * 8 * limbs), Vec::with_capacity(cells.len() * 16 * limbs), Vec::with_capacity(cells.len()));
+            let (mut bodies, mut seeds, mut rows) = (
+                Vec::with_capacity(cells.len() * 8 * limbs),
+                Vec::with_capacity(cells.len() * 16 * limbs),
+                Vec::with_capacity(cells.len()),
+            );
             for i in 0..cells.len() {
                 if cells.is_null(i) {
                     bodies.resize(bodies.len() + 8 * limbs, 0);
@@ -172,9 +210,17 @@ impl StorageLayout {
                 rows.push(cell.row());
             }
             let nulls = cells.nulls().cloned();
-            plain.push(Arc::new(FixedSizeBinaryArray::new(8 * limbs as i32, Buffer::from_vec(bodies), nulls.clone())));
+            plain.push(Arc::new(FixedSizeBinaryArray::new(
+                8 * limbs as i32,
+                Buffer::from_vec(bodies),
+                nulls.clone(),
+            )));
             extra.push(Arc::new(UInt64Array::new(rows.into(), nulls.clone())));
-            extra.push(Arc::new(FixedSizeBinaryArray::new(16 * limbs as i32, Buffer::from_vec(seeds), nulls)));
+            extra.push(Arc::new(FixedSizeBinaryArray::new(
+                16 * limbs as i32,
+                Buffer::from_vec(seeds),
+                nulls,
+            )));
         }
         plain.extend(extra);
         Ok(RecordBatch::try_new(self.storage.clone(), plain)?)
@@ -189,7 +235,10 @@ impl StorageLayout {
         for field in self.storage.fields().iter() {
             let name = field.name();
             let path = ColumnPath::from(name.as_str());
-            let is_cipher = ColumnCrypto::from_metadata(field.metadata()).ok().flatten().is_some();
+            let is_cipher = ColumnCrypto::from_metadata(field.metadata())
+                .ok()
+                .flatten()
+                .is_some();
             if is_cipher || name.starts_with(SEED_PREFIX) || name.starts_with(ROW_PREFIX) {
                 // Random bytes: compression and statistics cost CPU and save nothing.
                 props = props
@@ -197,7 +246,9 @@ impl StorageLayout {
                     .set_column_statistics_enabled(path.clone(), EnabledStatistics::None);
             }
             if is_cipher {
-                props = props.set_column_dictionary_enabled(path.clone(), false).set_column_encoding(path, Encoding::PLAIN);
+                props = props
+                    .set_column_dictionary_enabled(path.clone(), false)
+                    .set_column_encoding(path, Encoding::PLAIN);
             } else if name.starts_with(ROW_PREFIX) {
                 props = props
                     .set_column_dictionary_enabled(path.clone(), false)
@@ -215,7 +266,8 @@ impl StorageLayout {
         let tmp = path.with_extension("parquet.tmp");
         let result = (|| {
             let file = File::create(&tmp)?;
-            let mut writer = ArrowWriter::try_new(file, self.storage.clone(), Some(self.writer_properties()))?;
+            let mut writer =
+                ArrowWriter::try_new(file, self.storage.clone(), Some(self.writer_properties()))?;
             let mut rows = 0;
             for batch in batches {
                 let stored = self.to_storage(&batch?)?;
@@ -246,7 +298,9 @@ pub(crate) fn assemble_cells(
     let malformed = || HedfError::Malformed("stored ciphertext parts have unexpected types".into());
     let bodies = bodies.as_fixed_size_binary_opt().ok_or_else(malformed)?;
     let seeds = seeds.as_fixed_size_binary_opt().ok_or_else(malformed)?;
-    let rows = rows.as_primitive_opt::<arrow::datatypes::UInt64Type>().ok_or_else(malformed)?;
+    let rows = rows
+        .as_primitive_opt::<arrow::datatypes::UInt64Type>()
+        .ok_or_else(malformed)?;
     let limbs = crypto.spec.limbs as usize;
     if bodies.value_length() as usize != 8 * limbs || seeds.value_length() as usize != 16 * limbs {
         return Err(malformed());
@@ -258,11 +312,23 @@ pub(crate) fn assemble_cells(
     for (i, cell) in out.chunks_exact_mut(width).enumerate() {
         if bodies.is_valid(i) {
             if seeds.is_null(i) || rows.is_null(i) {
-                return Err(HedfError::Malformed("stored cell lacks its row or seed".into()));
+                return Err(HedfError::Malformed(
+                    "stored cell lacks its row or seed".into(),
+                ));
             }
             let seed = &seed_bytes[i * 16 * limbs..(i + 1) * 16 * limbs];
-            assemble_cell(cell, &header, rows.value(i), seed, &body_bytes[i * 8 * limbs..(i + 1) * 8 * limbs]);
+            assemble_cell(
+                cell,
+                &header,
+                rows.value(i),
+                seed,
+                &body_bytes[i * 8 * limbs..(i + 1) * 8 * limbs],
+            );
         }
     }
-    Ok(FixedSizeBinaryArray::new(width as i32, Buffer::from_vec(out), bodies.nulls().cloned()))
+    Ok(FixedSizeBinaryArray::new(
+        width as i32,
+        Buffer::from_vec(out),
+        bodies.nulls().cloned(),
+    ))
 }

@@ -32,11 +32,19 @@ struct PrefixCache {
 
 impl PrefixCache {
     fn new() -> Self {
-        PrefixCache { masks: MaskGenerator::default(), entries: Vec::new(), next_victim: 0 }
+        PrefixCache {
+            masks: MaskGenerator::default(),
+            entries: Vec::new(),
+            next_victim: 0,
+        }
     }
 
     fn get(&mut self, seed: u128, chunk: u64) -> &[u64] {
-        if let Some(i) = self.entries.iter().position(|e| e.0 == seed && e.1 == chunk) {
+        if let Some(i) = self
+            .entries
+            .iter()
+            .position(|e| e.0 == seed && e.1 == chunk)
+        {
             return &self.entries[i].2;
         }
         let slot = if self.entries.len() < CACHED_CHUNKS {
@@ -83,7 +91,10 @@ pub struct HeSumAccumulator {
 
 impl std::fmt::Debug for HeSumAccumulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HeSumAccumulator").field("column", &self.column).field("groups", &self.counts.len()).finish()
+        f.debug_struct("HeSumAccumulator")
+            .field("column", &self.column)
+            .field("groups", &self.counts.len())
+            .finish()
     }
 }
 
@@ -109,8 +120,11 @@ impl HeSumAccumulator {
 
     /// Adds the masks of `run` (all limbs) to its group.
     fn flush(&mut self, run: &Run, cells: &[u8], width: usize) {
-        let cell = CellRef::parse(&cells[run.seeds_at * width..(run.seeds_at + 1) * width], &self.crypto)
-            .expect("validated when the run was built");
+        let cell = CellRef::parse(
+            &cells[run.seeds_at * width..(run.seeds_at + 1) * width],
+            &self.crypto,
+        )
+        .expect("validated when the run was built");
         let chunk = run.row_start / N as u64;
         let j0 = (run.row_start % N as u64) as usize;
         let j1 = (run.row_end % N as u64) as usize;
@@ -156,7 +170,8 @@ impl HeSumAccumulator {
             }
             let row = cell.row();
             if let Some(r) = run.as_mut() {
-                let same_seeds = cells[r.seeds_at * width + 20..r.seeds_at * width + 20 + seeds_len]
+                let same_seeds = cells
+                    [r.seeds_at * width + 20..r.seeds_at * width + 20 + seeds_len]
                     == bytes[20..20 + seeds_len];
                 if r.group == group && row == r.row_end + 1 && row % N as u64 != 0 && same_seeds {
                     r.row_end = row;
@@ -165,7 +180,12 @@ impl HeSumAccumulator {
                 let done = run.take().expect("present");
                 self.flush(&done, cells, width);
             }
-            run = Some(Run { group, row_start: row, row_end: row, seeds_at: i });
+            run = Some(Run {
+                group,
+                row_start: row,
+                row_end: row,
+                seeds_at: i,
+            });
         }
         if let Some(done) = run {
             self.flush(&done, cells, width);
@@ -176,9 +196,15 @@ impl HeSumAccumulator {
     fn merge_sum(&mut self, sum: &SumRef<'_>, group: usize) -> Result<()> {
         if sum.crypto != self.crypto {
             return Err(if sum.crypto.key_id != self.crypto.key_id {
-                HedfError::MixedKeys { first: self.crypto.key_id.to_string(), second: sum.crypto.key_id.to_string() }
+                HedfError::MixedKeys {
+                    first: self.crypto.key_id.to_string(),
+                    second: sum.crypto.key_id.to_string(),
+                }
             } else {
-                HedfError::Malformed(format!("he_sum({}) state has a different encoding", self.column))
+                HedfError::Malformed(format!(
+                    "he_sum({}) state has a different encoding",
+                    self.column
+                ))
             }
             .into());
         }
@@ -219,7 +245,13 @@ impl HeSumAccumulator {
             }
             buffer.clear();
             let limbs = g * self.limbs..(g + 1) * self.limbs;
-            write_sum(&self.crypto, count, &bodies[limbs.clone()], &masks[limbs.start * N..limbs.end * N], &mut buffer);
+            write_sum(
+                &self.crypto,
+                count,
+                &bodies[limbs.clone()],
+                &masks[limbs.start * N..limbs.end * N],
+                &mut buffer,
+            );
             builder.append_value(&buffer);
         }
         Ok(Arc::new(builder.finish()))
@@ -246,7 +278,12 @@ impl GroupsAccumulator for HeSumAccumulator {
         Ok(vec![self.emit(emit_to, false)?])
     }
 
-    fn merge_batch(&mut self, values: &[ArrayRef], group_indices: &[usize], total_num_groups: usize) -> Result<()> {
+    fn merge_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        total_num_groups: usize,
+    ) -> Result<()> {
         self.resize(total_num_groups);
         let states = values[0].as_binary::<i64>();
         let width = self.crypto.cell_width();
@@ -256,9 +293,13 @@ impl GroupsAccumulator for HeSumAccumulator {
             }
             let bytes = states.value(i);
             if let Some(cell) = bytes.strip_prefix(CELL_STATE_TAG) {
-                let single = arrow::array::FixedSizeBinaryArray::try_from_iter(std::iter::once(cell))?;
+                let single =
+                    arrow::array::FixedSizeBinaryArray::try_from_iter(std::iter::once(cell))?;
                 if single.value_length() as usize != width {
-                    return Err(HedfError::Malformed("he_sum partial state has a malformed cell".into()).into());
+                    return Err(HedfError::Malformed(
+                        "he_sum partial state has a malformed cell".into(),
+                    )
+                    .into());
                 }
                 self.add_cells(&single, &[group], None)?;
             } else {
@@ -269,11 +310,16 @@ impl GroupsAccumulator for HeSumAccumulator {
     }
 
     /// One row's state is its cell, tagged: no mask is expanded until rows meet in a group.
-    fn convert_to_state(&self, values: &[ArrayRef], opt_filter: Option<&BooleanArray>) -> Result<Vec<ArrayRef>> {
+    fn convert_to_state(
+        &self,
+        values: &[ArrayRef],
+        opt_filter: Option<&BooleanArray>,
+    ) -> Result<Vec<ArrayRef>> {
         let cells = values[0].as_fixed_size_binary();
         let states: LargeBinaryArray = (0..cells.len())
             .map(|i| {
-                let keep = cells.is_valid(i) && opt_filter.is_none_or(|f| f.is_valid(i) && f.value(i));
+                let keep =
+                    cells.is_valid(i) && opt_filter.is_none_or(|f| f.is_valid(i) && f.value(i));
                 keep.then(|| [CELL_STATE_TAG.as_slice(), cells.value(i)].concat())
             })
             .collect();

@@ -28,7 +28,9 @@ pub const HE_SUM: &str = "he_sum";
 
 /// The `he_sum` aggregate, ready to register in a `SessionContext`.
 pub fn he_sum_udaf() -> AggregateUDF {
-    AggregateUDF::from(HeSum { signature: Signature::any(1, Volatility::Immutable) })
+    AggregateUDF::from(HeSum {
+        signature: Signature::any(1, Volatility::Immutable),
+    })
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -41,7 +43,10 @@ fn argument_crypto(field: &Field) -> Result<ColumnCrypto> {
     let meta = field.metadata();
     if meta.contains_key(META_KIND) && !meta.contains_key(META_KEY_ID) {
         // DataFusion drops metadata values that differ between UNION inputs.
-        return plan_err!("mixed keys: {} combines encrypted columns of different keys; a sum needs one key", field.name());
+        return plan_err!(
+            "mixed keys: {} combines encrypted columns of different keys; a sum needs one key",
+            field.name()
+        );
     }
     match ColumnCrypto::from_metadata(field.metadata())? {
         Some((kind, crypto)) if kind == KIND_CELL => Ok(crypto),
@@ -70,12 +75,17 @@ impl AggregateUDFImpl for HeSum {
     fn return_field(&self, arg_fields: &[FieldRef]) -> Result<FieldRef> {
         let crypto = argument_crypto(&arg_fields[0])?;
         Ok(Arc::new(
-            Field::new(HE_SUM, DataType::LargeBinary, true).with_metadata(crypto.metadata(KIND_SUM)),
+            Field::new(HE_SUM, DataType::LargeBinary, true)
+                .with_metadata(crypto.metadata(KIND_SUM)),
         ))
     }
 
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
-        Ok(vec![Arc::new(Field::new(format_state_name(args.name, "he_sum"), DataType::LargeBinary, true))])
+        Ok(vec![Arc::new(Field::new(
+            format_state_name(args.name, "he_sum"),
+            DataType::LargeBinary,
+            true,
+        ))])
     }
 
     fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
@@ -86,14 +96,20 @@ impl AggregateUDFImpl for HeSum {
         true
     }
 
-    fn create_groups_accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn GroupsAccumulator>> {
+    fn create_groups_accumulator(
+        &self,
+        args: AccumulatorArgs,
+    ) -> Result<Box<dyn GroupsAccumulator>> {
         Ok(Box::new(new_accumulator(&args)?))
     }
 }
 
 fn new_accumulator(args: &AccumulatorArgs) -> Result<HeSumAccumulator> {
     let field = &args.expr_fields[0];
-    Ok(HeSumAccumulator::new(field.name().clone(), argument_crypto(field)?))
+    Ok(HeSumAccumulator::new(
+        field.name().clone(),
+        argument_crypto(field)?,
+    ))
 }
 
 /// he_sum without GROUP BY: the group accumulator with one group.
@@ -106,7 +122,8 @@ fn single_value(array: ArrayRef) -> Result<ScalarValue> {
 
 impl Accumulator for SingleGroup {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
-        self.0.update_batch(values, &vec![0; values[0].len()], None, 1)
+        self.0
+            .update_batch(values, &vec![0; values[0].len()], None, 1)
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {

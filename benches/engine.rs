@@ -1,0 +1,225 @@
+//! Side-by-side benchmark: he_sum on encrypted Parquet vs SUM on plaintext Parquet, same rows,
+//! same queries, same session settings. Prints a table; numbers are medians of several runs.
+//!
+//! cargo bench --bench engine                 (10^6 rows)
+//! HEDF_BENCH_ROWS=100000 cargo bench --bench engine
+//! HEDF_BENCH_PARTITIONS=1 cargo bench --bench engine
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, Decimal128Array, RecordBatch, StringArray};
+use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use hedf::client::{decrypt_batch, encrypt_batches, MeasureColumn};
+use hedf::keys::ClientKey;
+use hedf::table::EncryptedTable;
+use parquet::arrow::ArrowWriter;
+
+const MEASURES: [&str; 5] = ["m1", "m2", "m3", "m4", "m5"];
+const BATCH: usize = 65_536;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Rows sorted by (area, age): 76 clustered groups; `rnd` is an unclustered 76-way key.
+fn batches(rows: usize) -> Vec<RecordBatch> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..rows)
+        .step_by(BATCH)
+        .map(|start| {
+            let len = BATCH.min(rows - start);
+            let group = |i: usize| (start + i) * 76 / rows;
+            let area: StringArray = (0..len)
+                .map(|i| Some(format!("area{}", group(i) / 19)))
+                .collect();
+            let age: StringArray = (0..len)
+                .map(|i| Some(format!("age{:02}", group(i) % 19)))
+                .collect();
+            let rnd: StringArray = (0..len)
+                .map(|_| Some(format!("r{:02}", next() % 76)))
+                .collect();
+            let sel: StringArray = (0..len)
+                .map(|_| Some(format!("s{:02}", next() % 100)))
+                .collect();
+            let mut columns: Vec<(&str, ArrayRef)> = vec![
+                ("area", Arc::new(area)),
+                ("age", Arc::new(age)),
+                ("rnd", Arc::new(rnd)),
+                ("sel", Arc::new(sel)),
+            ];
+            for m in MEASURES {
+                let values =
+                    Decimal128Array::from_iter_values((0..len).map(|_| (next() % 200_000) as i128))
+                        .with_precision_and_scale(10, 1)
+                        .unwrap();
+                columns.push((m, Arc::new(values)));
+            }
+            RecordBatch::try_from_iter(columns).unwrap()
+        })
+        .collect()
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+async fn time_query(ctx: &SessionContext, sql: &str, runs: usize) -> (Duration, Vec<RecordBatch>) {
+    let mut times = Vec::new();
+    let mut result = Vec::new();
+    for _ in 0..runs {
+        let start = Instant::now();
+        result = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+        times.push(start.elapsed());
+    }
+    (median(times), result)
+}
+
+#[tokio::main]
+async fn main() {
+    let rows = env("HEDF_BENCH_ROWS", 1_000_000);
+    let partitions = env("HEDF_BENCH_PARTITIONS", 2);
+    let runs = env("HEDF_BENCH_RUNS", 5);
+    let dir = tempfile::tempdir().unwrap();
+    println!("hedf benchmark: {rows} rows x {} measures, target_partitions {partitions}, {} cores, median of {runs}", MEASURES.len(), std::thread::available_parallelism().unwrap());
+
+    let plain = batches(rows);
+    let key = ClientKey::generate();
+    let measures: Vec<MeasureColumn> = MEASURES
+        .iter()
+        .map(|m| MeasureColumn::new(*m, 1).with_precision(6))
+        .collect();
+    let start = Instant::now();
+    let (schema, encrypted) = encrypt_batches(&key, &plain, &measures).unwrap();
+    let encrypt = start.elapsed();
+    let values = rows * MEASURES.len();
+    println!(
+        "encrypt: {:.2} s, {:.2} M values/s",
+        encrypt.as_secs_f64(),
+        values as f64 / encrypt.as_secs_f64() / 1e6
+    );
+
+    EncryptedTable::create(&dir.path().join("enc"), schema, &encrypted).unwrap();
+    drop(encrypted);
+    std::fs::create_dir_all(dir.path().join("plain")).unwrap();
+    let file = std::fs::File::create(dir.path().join("plain/part-0.parquet")).unwrap();
+    let mut writer = ArrowWriter::try_new(file, plain[0].schema(), None).unwrap();
+    plain.iter().for_each(|b| writer.write(b).unwrap());
+    writer.close().unwrap();
+    let dims_only = dir.path().join("dims");
+    std::fs::create_dir_all(&dims_only).unwrap();
+    let mut writer = ArrowWriter::try_new(
+        std::fs::File::create(dims_only.join("part-0.parquet")).unwrap(),
+        plain[0].project(&[0, 1, 2, 3]).unwrap().schema(),
+        None,
+    )
+    .unwrap();
+    plain
+        .iter()
+        .for_each(|b| writer.write(&b.project(&[0, 1, 2, 3]).unwrap()).unwrap());
+    writer.close().unwrap();
+    drop(plain);
+    let (enc_size, plain_size, dims_size) = (
+        dir_size(&dir.path().join("enc")),
+        dir_size(&dir.path().join("plain")),
+        dir_size(&dims_only),
+    );
+    println!(
+        "stored: encrypted {} bytes, plaintext {} bytes; measures only: {:.2} B/value encrypted, {:.2} B/value plaintext",
+        enc_size,
+        plain_size,
+        (enc_size - dims_size) as f64 / values as f64,
+        (plain_size - dims_size) as f64 / values as f64
+    );
+
+    let config = SessionConfig::new().with_target_partitions(partitions);
+    let ctx = hedf::session::new_context_with_config(config);
+    ctx.register_table(
+        "enc",
+        Arc::new(EncryptedTable::open(&dir.path().join("enc")).unwrap()),
+    )
+    .unwrap();
+    ctx.register_parquet(
+        "plain",
+        dir.path().join("plain").to_str().unwrap(),
+        ParquetReadOptions::default(),
+    )
+    .await
+    .unwrap();
+
+    let cases = [
+        (
+            "clustered GROUP BY area, age (76 groups)",
+            "GROUP BY area, age",
+            "",
+        ),
+        ("clustered GROUP BY area (4 groups)", "GROUP BY area", ""),
+        ("random GROUP BY rnd (76 groups)", "GROUP BY rnd", ""),
+        (
+            "WHERE sel = 's07' (1%), GROUP BY area",
+            "GROUP BY area",
+            "WHERE sel = 's07'",
+        ),
+        (
+            "WHERE sel < 's50' (50%), GROUP BY area",
+            "GROUP BY area",
+            "WHERE sel < 's50'",
+        ),
+    ];
+    println!(
+        "{:<42} {:>12} {:>12} {:>8} {:>14} {:>12}",
+        "query", "plaintext", "encrypted", "ratio", "ns/row/measure", "decrypt/val"
+    );
+    for (name, group, filter) in cases {
+        let keys = group.trim_start_matches("GROUP BY ");
+        let list = |f: &str| {
+            MEASURES
+                .iter()
+                .map(|m| format!("{f}({m})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let plain_sql = format!("SELECT {keys}, {} FROM plain {filter} {group}", list("SUM"));
+        let enc_sql = format!(
+            "SELECT {keys}, {} FROM enc {filter} {group}",
+            list("he_sum")
+        );
+        let (plain_time, _) = time_query(&ctx, &plain_sql, runs).await;
+        let (enc_time, result) = time_query(&ctx, &enc_sql, runs).await;
+        let start = Instant::now();
+        let decrypted: usize = result
+            .iter()
+            .map(|b| decrypt_batch(&key, b).unwrap().num_rows())
+            .sum();
+        let per_value = start.elapsed() / (decrypted * MEASURES.len()) as u32;
+        println!(
+            "{name:<42} {:>10.1}ms {:>10.1}ms {:>7.1}x {:>14.1} {:>10.2}us",
+            plain_time.as_secs_f64() * 1e3,
+            enc_time.as_secs_f64() * 1e3,
+            enc_time.as_secs_f64() / plain_time.as_secs_f64(),
+            enc_time.as_nanos() as f64 / values as f64,
+            per_value.as_secs_f64() * 1e6
+        );
+    }
+    let (_, result) = time_query(&ctx, "SELECT area, he_sum(m1) FROM enc GROUP BY area", 1).await;
+    let sum_bytes = result[0].column(1).to_data().buffers()[1].len() / result[0].num_rows();
+    println!("he_sum result: {sum_bytes} bytes per group per measure");
+}

@@ -5,7 +5,8 @@
 //! is `v_j[i] = w[j - i]` with `w[t] = a[t]` for `t >= 0` and `w[t] = -a[N + t]` for `t < 0`.
 //! With `R` the reversed prefix sums of `w` (built once per chunk, O(N)), a run of consecutive
 //! slots `j0..=j1` of one group adds `R[N-1-j1+i] - R[N-j0+i]` to coefficient `i`: O(N) for the
-//! whole run, however long. Clustered data costs O(N) per chunk; scattered rows O(N) per row.
+//! whole run, however long. Clustered data costs O(N) per chunk; scattered rows O(N) per row,
+//! with rows bucketed by group inside a chunk so each group's accumulator stays in cache.
 
 use std::sync::Arc;
 
@@ -20,64 +21,147 @@ use crate::params::POLYNOMIAL_SIZE as N;
 
 /// State tag of a single cell sent as partial state (cheap `convert_to_state`).
 const CELL_STATE_TAG: &[u8; 4] = b"HCEL";
-/// Chunks whose prefix sums stay cached; rows arrive in chunk order, so a few suffice.
+/// Chunk tables kept; rows arrive in chunk order, so a few suffice.
 const CACHED_CHUNKS: usize = 4;
 
-/// Reversed prefix sums of chunk masks, keyed by (seed, chunk).
-struct PrefixCache {
+/// What one chunk contributes, precomputed once per (seed, chunk) and limb:
+/// `prefix` (2N+1, reversed prefix sums of `w`) for runs, `single` (2N, `w` reversed) for
+/// lone rows, which then cost one load per coefficient instead of two.
+struct ChunkTables {
+    seed: u128,
+    chunk: u64,
+    prefix: Vec<u64>,
+    single: Vec<u64>,
+}
+
+/// Chunk tables keyed by (seed, chunk). Rows arrive in chunk order, so a few entries suffice.
+struct ChunkCache {
     masks: MaskGenerator,
-    entries: Vec<(u128, u64, Vec<u64>)>,
+    entries: Vec<ChunkTables>,
     next_victim: usize,
 }
 
-impl PrefixCache {
+impl ChunkCache {
     fn new() -> Self {
-        PrefixCache {
+        ChunkCache {
             masks: MaskGenerator::default(),
             entries: Vec::new(),
             next_victim: 0,
         }
     }
 
-    fn get(&mut self, seed: u128, chunk: u64) -> &[u64] {
+    fn get(&mut self, seed: u128, chunk: u64) -> &ChunkTables {
         if let Some(i) = self
             .entries
             .iter()
-            .position(|e| e.0 == seed && e.1 == chunk)
+            .position(|e| e.seed == seed && e.chunk == chunk)
         {
-            return &self.entries[i].2;
+            return &self.entries[i];
         }
         let slot = if self.entries.len() < CACHED_CHUNKS {
-            self.entries.push((seed, chunk, vec![0u64; 2 * N + 1]));
+            self.entries.push(ChunkTables {
+                seed,
+                chunk,
+                prefix: vec![0; 2 * N + 1],
+                single: vec![0; 2 * N],
+            });
             self.entries.len() - 1
         } else {
             self.next_victim = (self.next_victim + 1) % CACHED_CHUNKS;
             self.next_victim
         };
         let a = self.masks.generate(seed, chunk);
-        let entry = &mut self.entries[slot];
-        entry.0 = seed;
-        entry.1 = chunk;
-        // P[k+1] = P[k] + w[k - N], stored reversed: R[m] = P[2N - m].
-        let r = &mut entry.2;
-        r[2 * N] = 0;
+        let t = &mut self.entries[slot];
+        (t.seed, t.chunk) = (seed, chunk);
+        // w[k - N] for k in 0..2N; prefix[m] = P[2N - m] with P[k+1] = P[k] + w[k - N];
+        // single[m] = w[N - 1 - m] = prefix[m] - prefix[m + 1].
+        t.prefix[2 * N] = 0;
         let mut acc = 0u64;
         for k in 0..2 * N {
             let w = if k < N { a[k].wrapping_neg() } else { a[k - N] };
             acc = acc.wrapping_add(w);
-            r[2 * N - (k + 1)] = acc;
+            t.prefix[2 * N - (k + 1)] = acc;
+            t.single[2 * N - 1 - k] = w;
         }
-        &self.entries[slot].2
+        &self.entries[slot]
     }
 }
 
-/// A run of consecutive slots of one chunk, all in one group.
-struct Run {
-    group: usize,
-    row_start: u64,
-    row_end: u64,
-    seeds_at: usize,
+/// The two vector kernels of the hot path, compiled for the best instruction set present.
+#[derive(Clone, Copy)]
+struct Kernels {
+    /// acc += hi - lo
+    add_diff: fn(&mut [u64], &[u64], &[u64]),
+    /// acc += x
+    add: fn(&mut [u64], &[u64]),
 }
+
+#[inline(always)]
+fn add_diff_generic(acc: &mut [u64], hi: &[u64], lo: &[u64]) {
+    for ((a, &h), &l) in acc.iter_mut().zip(hi).zip(lo) {
+        *a = a.wrapping_add(h.wrapping_sub(l));
+    }
+}
+
+#[inline(always)]
+fn add_generic(acc: &mut [u64], x: &[u64]) {
+    for (a, &v) in acc.iter_mut().zip(x) {
+        *a = a.wrapping_add(v);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    #[target_feature(enable = "avx2")]
+    fn add_diff_avx2(acc: &mut [u64], hi: &[u64], lo: &[u64]) {
+        super::add_diff_generic(acc, hi, lo)
+    }
+    #[target_feature(enable = "avx2")]
+    fn add_avx2(acc: &mut [u64], x: &[u64]) {
+        super::add_generic(acc, x)
+    }
+    #[target_feature(enable = "avx512f")]
+    fn add_diff_avx512(acc: &mut [u64], hi: &[u64], lo: &[u64]) {
+        super::add_diff_generic(acc, hi, lo)
+    }
+    #[target_feature(enable = "avx512f")]
+    fn add_avx512(acc: &mut [u64], x: &[u64]) {
+        super::add_generic(acc, x)
+    }
+
+    pub(super) fn kernels() -> Option<super::Kernels> {
+        // Safety of the calls below: each wrapper is selected only when its feature is present.
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            Some(super::Kernels {
+                add_diff: |a, h, l| unsafe { add_diff_avx512(a, h, l) },
+                add: |a, x| unsafe { add_avx512(a, x) },
+            })
+        } else if std::arch::is_x86_feature_detected!("avx2") {
+            Some(super::Kernels {
+                add_diff: |a, h, l| unsafe { add_diff_avx2(a, h, l) },
+                add: |a, x| unsafe { add_avx2(a, x) },
+            })
+        } else {
+            None
+        }
+    }
+}
+
+impl Kernels {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(k) = x86::kernels() {
+            return k;
+        }
+        Kernels {
+            add_diff: add_diff_generic,
+            add: add_generic,
+        }
+    }
+}
+
+/// Bits of a sort key that hold the slot; the group index takes the bits above.
+const SLOT_BITS: u32 = N.trailing_zeros();
 
 pub struct HeSumAccumulator {
     column: String,
@@ -86,7 +170,10 @@ pub struct HeSumAccumulator {
     counts: Vec<u64>,
     bodies: Vec<u64>,
     masks: Vec<u64>,
-    prefixes: PrefixCache,
+    chunks: ChunkCache,
+    kernels: Kernels,
+    /// Scratch: sort keys (group << SLOT_BITS | slot) of one chunk's rows in a batch.
+    keys: Vec<u64>,
 }
 
 impl std::fmt::Debug for HeSumAccumulator {
@@ -107,7 +194,9 @@ impl HeSumAccumulator {
             counts: Vec::new(),
             bodies: Vec::new(),
             masks: Vec::new(),
-            prefixes: PrefixCache::new(),
+            chunks: ChunkCache::new(),
+            kernels: Kernels::detect(),
+            keys: Vec::new(),
         }
     }
 
@@ -118,27 +207,50 @@ impl HeSumAccumulator {
         self.masks.resize(groups * self.limbs * N, 0);
     }
 
-    /// Adds the masks of `run` (all limbs) to its group.
-    fn flush(&mut self, run: &Run, cells: &[u8], width: usize) {
-        let cell = CellRef::parse(
-            &cells[run.seeds_at * width..(run.seeds_at + 1) * width],
-            &self.crypto,
-        )
-        .expect("validated when the run was built");
-        let chunk = run.row_start / N as u64;
-        let j0 = (run.row_start % N as u64) as usize;
-        let j1 = (run.row_end % N as u64) as usize;
+    /// Adds the masks of the rows in `self.keys` (all in chunk `chunk`, limb seeds as in
+    /// `seeds`) to their groups. Sorting by (group, slot) turns interleaved rows into runs and
+    /// keeps one group's accumulator hot while its rows are added.
+    fn add_chunk_rows(&mut self, seeds: &[u8], chunk: u64) {
+        self.keys.sort_unstable();
+        let slot_mask = (1u64 << SLOT_BITS) - 1;
         for limb in 0..self.limbs {
-            let r = self.prefixes.get(cell.seed(limb), chunk);
-            let (hi, lo) = (&r[N - 1 - j1..2 * N - 1 - j1], &r[N - j0..2 * N - j0]);
-            let at = (run.group * self.limbs + limb) * N;
-            for ((acc, &h), &l) in self.masks[at..at + N].iter_mut().zip(hi).zip(lo) {
-                *acc = acc.wrapping_add(h.wrapping_sub(l));
+            let seed = u128::from_le_bytes(
+                seeds[16 * limb..16 * limb + 16]
+                    .try_into()
+                    .expect("16 bytes"),
+            );
+            let tables = self.chunks.get(seed, chunk);
+            let mut i = 0;
+            while i < self.keys.len() {
+                let first = self.keys[i];
+                let mut last = first;
+                while i + 1 < self.keys.len()
+                    && self.keys[i + 1] == last + 1
+                    && last & slot_mask != slot_mask
+                {
+                    i += 1;
+                    last += 1;
+                }
+                i += 1;
+                let group = (first >> SLOT_BITS) as usize;
+                let (j0, j1) = ((first & slot_mask) as usize, (last & slot_mask) as usize);
+                let at = (group * self.limbs + limb) * N;
+                let acc = &mut self.masks[at..at + N];
+                if j0 == j1 {
+                    (self.kernels.add)(acc, &tables.single[N - 1 - j0..2 * N - 1 - j0]);
+                } else {
+                    (self.kernels.add_diff)(
+                        acc,
+                        &tables.prefix[N - 1 - j1..2 * N - 1 - j1],
+                        &tables.prefix[N - j0..2 * N - j0],
+                    );
+                }
             }
         }
+        self.keys.clear();
     }
 
-    /// Accumulates the valid cells of `cells` (row i into group `groups[i]`).
+    /// Accumulates the valid cells of `array` (row i into group `groups[i]`).
     fn add_cells(
         &mut self,
         array: &arrow::array::FixedSizeBinaryArray,
@@ -156,39 +268,33 @@ impl HeSumAccumulator {
         }
         let cells = array.value_data();
         let seeds_len = 16 * self.limbs;
-        let mut run: Option<Run> = None;
+        // The chunk whose rows are being collected: (index of a cell holding its seeds, chunk).
+        let mut current: Option<(usize, u64)> = None;
         for (i, &group) in groups.iter().enumerate() {
             if array.is_null(i) || filter.is_some_and(|f| !f.is_valid(i) || !f.value(i)) {
                 continue;
             }
-            let bytes = &cells[i * width..(i + 1) * width];
-            let cell = CellRef::parse(bytes, &self.crypto)?;
+            let cell = CellRef::parse(&cells[i * width..(i + 1) * width], &self.crypto)?;
             self.counts[group] += 1;
             for limb in 0..self.limbs {
                 let b = &mut self.bodies[group * self.limbs + limb];
                 *b = b.wrapping_add(cell.body(limb));
             }
-            let row = cell.row();
-            if let Some(r) = run.as_mut() {
-                let same_seeds = cells
-                    [r.seeds_at * width + 20..r.seeds_at * width + 20 + seeds_len]
-                    == bytes[20..20 + seeds_len];
-                if r.group == group && row == r.row_end + 1 && row % N as u64 != 0 && same_seeds {
-                    r.row_end = row;
-                    continue;
+            let (row, chunk) = (cell.row(), cell.row() / N as u64);
+            if let Some((at, c)) = current {
+                if c != chunk
+                    || cell.seed_bytes() != &cells[at * width + 20..at * width + 20 + seeds_len]
+                {
+                    self.add_chunk_rows(&cells[at * width + 20..at * width + 20 + seeds_len], c);
+                    current = None;
                 }
-                let done = run.take().expect("present");
-                self.flush(&done, cells, width);
             }
-            run = Some(Run {
-                group,
-                row_start: row,
-                row_end: row,
-                seeds_at: i,
-            });
+            current.get_or_insert((i, chunk));
+            self.keys
+                .push(((group as u64) << SLOT_BITS) | (row % N as u64));
         }
-        if let Some(done) = run {
-            self.flush(&done, cells, width);
+        if let Some((at, c)) = current {
+            self.add_chunk_rows(&cells[at * width + 20..at * width + 20 + seeds_len], c);
         }
         Ok(())
     }
@@ -213,9 +319,8 @@ impl HeSumAccumulator {
             let b = &mut self.bodies[group * self.limbs + limb];
             *b = b.wrapping_add(sum.body(limb));
             let at = (group * self.limbs + limb) * N;
-            for (acc, m) in self.masks[at..at + N].iter_mut().zip(sum.mask(limb)) {
-                *acc = acc.wrapping_add(m);
-            }
+            let mask: Vec<u64> = sum.mask(limb).collect();
+            (self.kernels.add)(&mut self.masks[at..at + N], &mask);
         }
         Ok(())
     }
@@ -328,6 +433,7 @@ impl GroupsAccumulator for HeSumAccumulator {
 
     fn size(&self) -> usize {
         8 * (self.counts.capacity() + self.bodies.capacity() + self.masks.capacity())
-            + CACHED_CHUNKS * 8 * (2 * N + 1)
+            + CACHED_CHUNKS * 8 * (4 * N + 1)
+            + 8 * self.keys.capacity()
     }
 }

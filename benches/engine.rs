@@ -77,6 +77,21 @@ fn dir_size(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Peak resident set size since the last reset, in MiB (Linux; 0 elsewhere).
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
+    kib.unwrap_or(0.0) / 1024.0
+}
+
+/// Resets the peak RSS counter so the next reading covers only what follows.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 fn median(mut times: Vec<Duration>) -> Duration {
     times.sort();
     times[times.len() / 2]
@@ -137,6 +152,7 @@ async fn main() {
         .for_each(|b| writer.write(&b.project(&[0, 1, 2, 3]).unwrap()).unwrap());
     writer.close().unwrap();
     drop(plain);
+    reset_peak_rss();
     let (enc_size, plain_size, dims_size) = (
         dir_size(&dir.path().join("enc")),
         dir_size(&dir.path().join("plain")),
@@ -203,7 +219,9 @@ async fn main() {
             list("he_sum")
         );
         let (plain_time, _) = time_query(&ctx, &plain_sql, runs).await;
+        reset_peak_rss();
         let (enc_time, result) = time_query(&ctx, &enc_sql, runs).await;
+        let rss = peak_rss_mib();
         let start = Instant::now();
         let decrypted: usize = result
             .iter()
@@ -211,12 +229,13 @@ async fn main() {
             .sum();
         let per_value = start.elapsed() / (decrypted * MEASURES.len()) as u32;
         println!(
-            "{name:<42} {:>10.1}ms {:>10.1}ms {:>7.1}x {:>14.1} {:>10.2}us",
+            "{name:<42} {:>10.1}ms {:>10.1}ms {:>7.1}x {:>14.1} {:>10.2}us {:>7.0}MiB",
             plain_time.as_secs_f64() * 1e3,
             enc_time.as_secs_f64() * 1e3,
             enc_time.as_secs_f64() / plain_time.as_secs_f64(),
             enc_time.as_nanos() as f64 / values as f64,
-            per_value.as_secs_f64() * 1e6
+            per_value.as_secs_f64() * 1e6,
+            rss
         );
     }
     let (_, result) = time_query(&ctx, "SELECT area, he_sum(m1) FROM enc GROUP BY area", 1).await;

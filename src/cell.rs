@@ -110,13 +110,7 @@ pub fn cell_width(limbs: u8) -> usize {
 }
 
 /// Assembles a cell from its stored parts (`seeds`: 16 bytes a limb, `bodies`: 8 bytes a limb).
-pub(crate) fn assemble_cell(
-    out: &mut [u8],
-    header: &[u8; 12],
-    row: u64,
-    seeds: &[u8],
-    bodies: &[u8],
-) {
+pub fn assemble_cell(out: &mut [u8], header: &[u8; 12], row: u64, seeds: &[u8], bodies: &[u8]) {
     out[..12].copy_from_slice(header);
     out[12..20].copy_from_slice(&row.to_le_bytes());
     out[20..20 + seeds.len()].copy_from_slice(seeds);

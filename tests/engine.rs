@@ -498,3 +498,30 @@ async fn sums_over_the_budget_are_refused_by_server_and_client() {
     let err = decrypt_sum(key(), &forged, "v").unwrap_err().to_string();
     assert!(err.contains("budget exceeded"), "{err}");
 }
+
+/// Sort keys of (group g, last slot) and (group g + 1, slot 0) are consecutive integers; they
+/// must not be mistaken for one run.
+#[tokio::test]
+async fn runs_never_cross_from_one_group_into_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(1, 8192);
+    let n = 8192;
+    let groups = (0..n)
+        .map(|i| match i {
+            0 | 8191 => "a",
+            1 | 4096 => "b",
+            _ => "c",
+        })
+        .map(String::from)
+        .collect();
+    let v = (0..n).map(|i| Some(i as i128 * 31 - 7)).collect();
+    register(
+        &ctx,
+        dir.path(),
+        "t",
+        key(),
+        &[table(groups, v, vec![Some(1); n], 0)],
+        &measures(0),
+    );
+    assert_eq!(assert_same(&ctx, key(), SUM_BY_G.0, SUM_BY_G.1).await, 3);
+}

@@ -414,6 +414,11 @@ impl<'k> CellDecryptor<'k> {
     }
 
     fn limb(&mut self, seed: u128, row: u64, body: u64) -> i64 {
+        decode(self.phase(seed, row, body))
+    }
+
+    /// body - <mask, key>: the plaintext times delta plus noise.
+    fn phase(&mut self, seed: u128, row: u64, body: u64) -> u64 {
         let chunk = row / POLYNOMIAL_SIZE as u64;
         let slot = (row % POLYNOMIAL_SIZE as u64) as usize;
         if self.chunk != Some((seed, chunk)) {
@@ -423,7 +428,7 @@ impl<'k> CellDecryptor<'k> {
         }
         self.glwe.get_mut_body().as_mut()[slot] = body;
         extract_lwe_sample_from_glwe_ciphertext(&self.glwe, &mut self.lwe, MonomialDegree(slot));
-        decode(decrypt_lwe_ciphertext(&self.key.glwe().as_lwe_secret_key(), &self.lwe).0)
+        decrypt_lwe_ciphertext(&self.key.glwe().as_lwe_secret_key(), &self.lwe).0
     }
 }
 
@@ -484,4 +489,63 @@ pub fn decrypt_batch(key: &ClientKey, batch: &RecordBatch) -> Result<RecordBatch
         Arc::new(Schema::new_with_metadata(fields, metadata)),
         columns,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+
+    /// Encrypting zeros and reading the raw phases measures the noise tfhe actually added: it
+    /// must match the parameter set's standard deviation (4.0 on the u64 torus), centred on 0.
+    #[test]
+    fn encryption_noise_matches_the_parameter_set() {
+        let key = ClientKey::generate();
+        let n = 4 * POLYNOMIAL_SIZE;
+        let zeros = RecordBatch::try_from_iter([(
+            "v",
+            Arc::new(Int64Array::from(vec![0i64; n])) as ArrayRef,
+        )])
+        .unwrap();
+        let (_, encrypted) = encrypt_batches(
+            &key,
+            &[zeros],
+            &[MeasureColumn::new("v", 0).with_precision(1)],
+        )
+        .unwrap();
+        let cells = encrypted[0].column(0).as_fixed_size_binary();
+        let crypto = ColumnCrypto {
+            key_id: key.id(),
+            spec: MeasureSpec::for_precision(1, 0).unwrap(),
+        };
+        let mut dec = CellDecryptor::new(&key);
+        let noise: Vec<f64> = (0..n)
+            .map(|i| {
+                let cell = CellRef::parse(cells.value(i), &crypto).unwrap();
+                dec.phase(cell.seed(0), cell.row(), cell.body(0)) as i64 as f64
+            })
+            .collect();
+        let mean = noise.iter().sum::<f64>() / n as f64;
+        let sd = (noise.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+        assert!(mean.abs() < 0.2, "mean {mean}");
+        assert!((3.85..4.2).contains(&sd), "sd {sd}");
+    }
+
+    #[test]
+    fn decoding_rounds_to_the_nearest_multiple_of_delta_and_keeps_the_sign() {
+        let delta = 1u64 << LOG2_DELTA;
+        assert_eq!(decode(5 * delta + delta / 2 - 1), 5);
+        assert_eq!(
+            decode(
+                (-7i64 as u64)
+                    .wrapping_mul(delta)
+                    .wrapping_sub(delta / 2 - 1)
+            ),
+            -7
+        );
+        assert_eq!(
+            decode(((1u64 << (PLAINTEXT_BITS - 1)) - 1) * delta),
+            (1 << (PLAINTEXT_BITS - 1)) - 1
+        );
+    }
 }

@@ -157,27 +157,57 @@ pub fn encrypt_batches(
         .first()
         .map(|b| b.schema())
         .ok_or_else(|| HedfError::Invalid("nothing to encrypt: no batches".into()))?;
-    let mut resolved = measures.to_vec();
-    for m in resolved.iter_mut().filter(|m| m.precision.is_none()) {
-        let idx = schema
-            .index_of(&m.name)
-            .map_err(|_| HedfError::Invalid(format!("no column {:?} to encrypt", m.name)))?;
-        let mut max = 0i64;
-        for batch in batches {
-            let values = fixed_point_values(batch.column(idx), m.scale, &m.name)?;
-            max = values.iter().flatten().fold(max, |acc, v| {
-                acc.max(v.unsigned_abs().min(i64::MAX as u64) as i64)
-            });
-        }
-        let digits = max.checked_ilog10().map_or(1, |d| d + 1) as u8;
-        m.precision = Some(digits.max(m.scale as u8).max(1).min(MAX_PRECISION));
-    }
+    let resolved = infer_precisions(&schema, measures, batches.iter().cloned().map(Ok))?;
     let mut encryptor = Encryptor::new(key, &schema, &resolved)?;
     let out = batches
         .iter()
         .map(|b| encryptor.encrypt(b))
         .collect::<Result<_>>()?;
     Ok((encryptor.schema(), out))
+}
+
+/// Fills in every undeclared precision with the digit count of the column's largest |value|
+/// in `batches` (one pass; nothing is kept).
+pub fn infer_precisions<I>(
+    schema: &Schema,
+    measures: &[MeasureColumn],
+    batches: I,
+) -> Result<Vec<MeasureColumn>>
+where
+    I: IntoIterator<Item = Result<RecordBatch>>,
+{
+    let mut resolved = measures.to_vec();
+    let pending: Vec<(usize, usize)> = resolved
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.precision.is_none())
+        .map(|(i, m)| {
+            schema
+                .index_of(&m.name)
+                .map(|col| (i, col))
+                .map_err(|_| HedfError::Invalid(format!("no column {:?} to encrypt", m.name)))
+        })
+        .collect::<Result<_>>()?;
+    if pending.is_empty() {
+        return Ok(resolved);
+    }
+    let mut max = vec![0u64; pending.len()];
+    for batch in batches {
+        let batch = batch?;
+        for (slot, &(i, col)) in pending.iter().enumerate() {
+            let m = &resolved[i];
+            let values = fixed_point_values(batch.column(col), m.scale, &m.name)?;
+            max[slot] = values
+                .iter()
+                .flatten()
+                .fold(max[slot], |acc, v| acc.max(v.unsigned_abs()));
+        }
+    }
+    for (&(i, _), max) in pending.iter().zip(max) {
+        let digits = max.checked_ilog10().map_or(1, |d| d + 1) as u8;
+        resolved[i].precision = Some(digits.max(resolved[i].scale as u8).clamp(1, MAX_PRECISION));
+    }
+    Ok(resolved)
 }
 
 /// Converts a numeric or decimal-string column to exact fixed-point integers.

@@ -9,7 +9,8 @@
 //! * Server side (feature `engine`, DataFusion): [`table`] stores encrypted tables as Parquet
 //!   and serves them as a `TableProvider`; [`udaf`] is `he_sum`, adding ciphertexts without any
 //!   key; [`guard`] refuses plans that would compare or compute on ciphertext; [`session`]
-//!   builds a `SessionContext` with both. [`demo`] replays the original prototype's demo.
+//!   builds a `SessionContext` with both; [`ingest`] encrypts CSV/Parquet files into tables.
+//!   [`demo`] replays the original prototype's demo.
 //!
 //! The scheme is additive GLWE from `tfhe::core_crypto`: a chunk of N = 4096 values of a column
 //! is one seeded GLWE ciphertext; a row's cell is the LWE sample extracted at its slot, stored
@@ -27,6 +28,8 @@ pub mod params;
 pub mod demo;
 #[cfg(feature = "engine")]
 pub mod guard;
+#[cfg(feature = "engine")]
+pub mod ingest;
 #[cfg(feature = "engine")]
 pub mod session;
 #[cfg(feature = "engine")]

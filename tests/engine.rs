@@ -525,3 +525,59 @@ async fn runs_never_cross_from_one_group_into_the_next() {
     );
     assert_eq!(assert_same(&ctx, key(), SUM_BY_G.0, SUM_BY_G.1).await, 3);
 }
+
+#[tokio::test]
+async fn csv_and_parquet_files_encrypt_into_tables_that_sum_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("population.csv");
+    std::fs::write(&csv, hedf::demo::POPULATION_CSV).unwrap();
+    let (schema, plain) = hedf::demo::population().unwrap();
+    let parquet = dir.path().join("population.parquet");
+    let mut writer = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&parquet).unwrap(),
+        schema.clone(),
+        None,
+    )
+    .unwrap();
+    plain.iter().for_each(|b| writer.write(b).unwrap());
+    writer.close().unwrap();
+
+    let ctx = context(2, 32);
+    ctx.register_table(
+        "population_plain",
+        Arc::new(MemTable::try_new(schema, vec![plain]).unwrap()),
+    )
+    .unwrap();
+    let years: Vec<MeasureColumn> = hedf::demo::YEARS
+        .iter()
+        .map(|y| MeasureColumn::new(*y, 1))
+        .collect();
+    for (name, input) in [("from_csv", &csv), ("from_parquet", &parquet)] {
+        let table =
+            hedf::ingest::encrypt_file(key(), input, &years, &dir.path().join(name)).unwrap();
+        ctx.register_table(name, Arc::new(table)).unwrap();
+        assert_same(
+            &ctx,
+            key(),
+            &hedf::demo::aggregation_sql(name, "AGE GROUP", "he_sum").unwrap(),
+            &hedf::demo::aggregation_sql("population_plain", "AGE GROUP", "SUM").unwrap(),
+        )
+        .await;
+    }
+
+    // A value with more decimals than the scale is an error naming its row and column.
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "g,v\na,1.5\nb,2.25\n").unwrap();
+    let err = hedf::ingest::encrypt_file(
+        key(),
+        &bad,
+        &[MeasureColumn::new("v", 1)],
+        &dir.path().join("bad"),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("column v, row 1")
+            && err.to_string().contains("more than 1 decimal"),
+        "{err}"
+    );
+}

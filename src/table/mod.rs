@@ -41,6 +41,15 @@ impl EncryptedTable {
     /// Creates the table folder and writes `batches` (encrypted, see [`crate::client::Encryptor`])
     /// as its first file. Fails if the folder already holds a table.
     pub fn create(dir: &Path, schema: SchemaRef, batches: &[RecordBatch]) -> Result<Self> {
+        Self::create_streaming(dir, schema, batches.iter().cloned().map(Ok))
+    }
+
+    /// Like [`Self::create`], writing batches as they come: memory stays bounded by one batch,
+    /// e.g. with an [`crate::client::Encryptor`] mapped over a file reader (see [`crate::ingest`]).
+    pub fn create_streaming<I>(dir: &Path, schema: SchemaRef, batches: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = Result<RecordBatch>>,
+    {
         let layout = StorageLayout::from_engine(&schema)?;
         std::fs::create_dir_all(dir)?;
         if data_files(dir)?.next().is_some() {
@@ -49,10 +58,7 @@ impl EncryptedTable {
                 dir.display()
             )));
         }
-        layout.write_parquet(
-            &dir.join("part-00000.parquet"),
-            batches.iter().cloned().map(Ok),
-        )?;
+        layout.write_parquet(&dir.join("part-00000.parquet"), batches)?;
         Self::open(dir)
     }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Decimal128Array, RecordBatch, StringArray};
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
-use hedf::client::{decrypt_batch, encrypt_batches, MeasureColumn};
+use hedf::client::{decrypt_batch, Encryptor, MeasureColumn};
 use hedf::keys::ClientKey;
 use hedf::table::EncryptedTable;
 use parquet::arrow::ArrowWriter;
@@ -26,8 +26,9 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Rows sorted by (area, age): 76 clustered groups; `rnd` is an unclustered 76-way key.
-fn batches(rows: usize) -> Vec<RecordBatch> {
+/// Rows sorted by (area, age): 76 clustered groups; `rnd` is an unclustered 76-way key and
+/// `sel` a 100-way filter key. Generated one batch at a time, deterministically.
+fn batches(rows: usize) -> impl Iterator<Item = RecordBatch> {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
         state ^= state << 13;
@@ -35,39 +36,51 @@ fn batches(rows: usize) -> Vec<RecordBatch> {
         state ^= state << 17;
         state
     };
-    (0..rows)
-        .step_by(BATCH)
-        .map(|start| {
-            let len = BATCH.min(rows - start);
-            let group = |i: usize| (start + i) * 76 / rows;
-            let area: StringArray = (0..len)
-                .map(|i| Some(format!("area{}", group(i) / 19)))
-                .collect();
-            let age: StringArray = (0..len)
-                .map(|i| Some(format!("age{:02}", group(i) % 19)))
-                .collect();
-            let rnd: StringArray = (0..len)
-                .map(|_| Some(format!("r{:02}", next() % 76)))
-                .collect();
-            let sel: StringArray = (0..len)
-                .map(|_| Some(format!("s{:02}", next() % 100)))
-                .collect();
-            let mut columns: Vec<(&str, ArrayRef)> = vec![
-                ("area", Arc::new(area)),
-                ("age", Arc::new(age)),
-                ("rnd", Arc::new(rnd)),
-                ("sel", Arc::new(sel)),
-            ];
-            for m in MEASURES {
-                let values =
-                    Decimal128Array::from_iter_values((0..len).map(|_| (next() % 200_000) as i128))
-                        .with_precision_and_scale(10, 1)
-                        .unwrap();
-                columns.push((m, Arc::new(values)));
-            }
-            RecordBatch::try_from_iter(columns).unwrap()
-        })
-        .collect()
+    (0..rows).step_by(BATCH).map(move |start| {
+        let len = BATCH.min(rows - start);
+        let group = |i: usize| (start + i) * 76 / rows;
+        let area: StringArray = (0..len)
+            .map(|i| Some(format!("area{}", group(i) / 19)))
+            .collect();
+        let age: StringArray = (0..len)
+            .map(|i| Some(format!("age{:02}", group(i) % 19)))
+            .collect();
+        let rnd: StringArray = (0..len)
+            .map(|_| Some(format!("r{:02}", next() % 76)))
+            .collect();
+        let sel: StringArray = (0..len)
+            .map(|_| Some(format!("s{:02}", next() % 100)))
+            .collect();
+        let mut columns: Vec<(&str, ArrayRef)> = vec![
+            ("area", Arc::new(area)),
+            ("age", Arc::new(age)),
+            ("rnd", Arc::new(rnd)),
+            ("sel", Arc::new(sel)),
+        ];
+        for m in MEASURES {
+            let values =
+                Decimal128Array::from_iter_values((0..len).map(|_| (next() % 200_000) as i128))
+                    .with_precision_and_scale(10, 1)
+                    .unwrap();
+            columns.push((m, Arc::new(values)));
+        }
+        RecordBatch::try_from_iter(columns).unwrap()
+    })
+}
+
+/// Writes `batches` to one plaintext Parquet file in `dir` (parquet-rs defaults).
+fn write_plain(dir: &Path, batches: impl Iterator<Item = RecordBatch>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut batches = batches.peekable();
+    let schema = batches.peek().unwrap().schema();
+    let mut writer = ArrowWriter::try_new(
+        std::fs::File::create(dir.join("part-0.parquet")).unwrap(),
+        schema,
+        None,
+    )
+    .unwrap();
+    batches.for_each(|b| writer.write(&b).unwrap());
+    writer.close().unwrap();
 }
 
 fn dir_size(dir: &Path) -> u64 {
@@ -116,42 +129,34 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     println!("hedf benchmark: {rows} rows x {} measures, target_partitions {partitions}, {} cores, median of {runs}", MEASURES.len(), std::thread::available_parallelism().unwrap());
 
-    let plain = batches(rows);
     let key = ClientKey::generate();
     let measures: Vec<MeasureColumn> = MEASURES
         .iter()
         .map(|m| MeasureColumn::new(*m, 1).with_precision(6))
         .collect();
-    let start = Instant::now();
-    let (schema, encrypted) = encrypt_batches(&key, &plain, &measures).unwrap();
-    let encrypt = start.elapsed();
+    let schema = batches(BATCH).next().unwrap().schema();
+    let mut encryptor = Encryptor::new(&key, &schema, &measures).unwrap();
+    let encrypted_schema = encryptor.schema();
+    let mut encrypt = Duration::ZERO;
+    let encrypted = batches(rows).map(|b| {
+        let start = Instant::now();
+        let out = encryptor.encrypt(&b);
+        encrypt += start.elapsed();
+        out
+    });
+    EncryptedTable::create_streaming(&dir.path().join("enc"), encrypted_schema, encrypted).unwrap();
     let values = rows * MEASURES.len();
     println!(
         "encrypt: {:.2} s, {:.2} M values/s",
         encrypt.as_secs_f64(),
         values as f64 / encrypt.as_secs_f64() / 1e6
     );
-
-    EncryptedTable::create(&dir.path().join("enc"), schema, &encrypted).unwrap();
-    drop(encrypted);
-    std::fs::create_dir_all(dir.path().join("plain")).unwrap();
-    let file = std::fs::File::create(dir.path().join("plain/part-0.parquet")).unwrap();
-    let mut writer = ArrowWriter::try_new(file, plain[0].schema(), None).unwrap();
-    plain.iter().for_each(|b| writer.write(b).unwrap());
-    writer.close().unwrap();
+    write_plain(&dir.path().join("plain"), batches(rows));
     let dims_only = dir.path().join("dims");
-    std::fs::create_dir_all(&dims_only).unwrap();
-    let mut writer = ArrowWriter::try_new(
-        std::fs::File::create(dims_only.join("part-0.parquet")).unwrap(),
-        plain[0].project(&[0, 1, 2, 3]).unwrap().schema(),
-        None,
-    )
-    .unwrap();
-    plain
-        .iter()
-        .for_each(|b| writer.write(&b.project(&[0, 1, 2, 3]).unwrap()).unwrap());
-    writer.close().unwrap();
-    drop(plain);
+    write_plain(
+        &dims_only,
+        batches(rows).map(|b| b.project(&[0, 1, 2, 3]).unwrap()),
+    );
     reset_peak_rss();
     let (enc_size, plain_size, dims_size) = (
         dir_size(&dir.path().join("enc")),

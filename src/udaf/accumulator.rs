@@ -87,19 +87,41 @@ impl ChunkCache {
     }
 }
 
-/// The two vector kernels of the hot path, compiled for the best instruction set present.
-#[derive(Clone, Copy)]
-struct Kernels {
-    /// acc += hi - lo
-    add_diff: fn(&mut [u64], &[u64], &[u64]),
-    /// acc += x
-    add: fn(&mut [u64], &[u64]),
+/// Coefficients of a group's accumulator kept in registers while its rows are added.
+const TILE: usize = 64;
+
+/// One group's rows in one chunk: lone rows as offsets into `ChunkTables::single`, runs as
+/// (hi, lo) offsets into `ChunkTables::prefix`.
+#[derive(Default)]
+struct Windows {
+    singles: Vec<usize>,
+    runs: Vec<(usize, usize)>,
 }
 
+/// Adds every window to `acc`, one tile at a time, so the accumulator is read and written once
+/// per group and chunk however many rows the group has there.
 #[inline(always)]
-fn add_diff_generic(acc: &mut [u64], hi: &[u64], lo: &[u64]) {
-    for ((a, &h), &l) in acc.iter_mut().zip(hi).zip(lo) {
-        *a = a.wrapping_add(h.wrapping_sub(l));
+fn add_windows_generic(acc: &mut [u64], w: &Windows, single: &[u64], prefix: &[u64]) {
+    for (t, out) in acc.chunks_exact_mut(TILE).enumerate() {
+        let base = t * TILE;
+        let mut tile = [0u64; TILE];
+        tile.copy_from_slice(out);
+        for &o in &w.singles {
+            let x = &single[o + base..o + base + TILE];
+            for i in 0..TILE {
+                tile[i] = tile[i].wrapping_add(x[i]);
+            }
+        }
+        for &(h, l) in &w.runs {
+            let (hi, lo) = (
+                &prefix[h + base..h + base + TILE],
+                &prefix[l + base..l + base + TILE],
+            );
+            for i in 0..TILE {
+                tile[i] = tile[i].wrapping_add(hi[i].wrapping_sub(lo[i]));
+            }
+        }
+        out.copy_from_slice(&tile);
     }
 }
 
@@ -110,19 +132,28 @@ fn add_generic(acc: &mut [u64], x: &[u64]) {
     }
 }
 
+/// The hot path's kernels, compiled for the best instruction set present.
+#[derive(Clone, Copy)]
+struct Kernels {
+    add_windows: fn(&mut [u64], &Windows, &[u64], &[u64]),
+    add: fn(&mut [u64], &[u64]),
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::Windows;
+
     #[target_feature(enable = "avx2")]
-    fn add_diff_avx2(acc: &mut [u64], hi: &[u64], lo: &[u64]) {
-        super::add_diff_generic(acc, hi, lo)
+    fn add_windows_avx2(acc: &mut [u64], w: &Windows, single: &[u64], prefix: &[u64]) {
+        super::add_windows_generic(acc, w, single, prefix)
     }
     #[target_feature(enable = "avx2")]
     fn add_avx2(acc: &mut [u64], x: &[u64]) {
         super::add_generic(acc, x)
     }
     #[target_feature(enable = "avx512f")]
-    fn add_diff_avx512(acc: &mut [u64], hi: &[u64], lo: &[u64]) {
-        super::add_diff_generic(acc, hi, lo)
+    fn add_windows_avx512(acc: &mut [u64], w: &Windows, single: &[u64], prefix: &[u64]) {
+        super::add_windows_generic(acc, w, single, prefix)
     }
     #[target_feature(enable = "avx512f")]
     fn add_avx512(acc: &mut [u64], x: &[u64]) {
@@ -133,12 +164,12 @@ mod x86 {
         // Safety of the calls below: each wrapper is selected only when its feature is present.
         if std::arch::is_x86_feature_detected!("avx512f") {
             Some(super::Kernels {
-                add_diff: |a, h, l| unsafe { add_diff_avx512(a, h, l) },
+                add_windows: |a, w, s, p| unsafe { add_windows_avx512(a, w, s, p) },
                 add: |a, x| unsafe { add_avx512(a, x) },
             })
         } else if std::arch::is_x86_feature_detected!("avx2") {
             Some(super::Kernels {
-                add_diff: |a, h, l| unsafe { add_diff_avx2(a, h, l) },
+                add_windows: |a, w, s, p| unsafe { add_windows_avx2(a, w, s, p) },
                 add: |a, x| unsafe { add_avx2(a, x) },
             })
         } else {
@@ -154,7 +185,7 @@ impl Kernels {
             return k;
         }
         Kernels {
-            add_diff: add_diff_generic,
+            add_windows: add_windows_generic,
             add: add_generic,
         }
     }
@@ -174,6 +205,8 @@ pub struct HeSumAccumulator {
     kernels: Kernels,
     /// Scratch: sort keys (group << SLOT_BITS | slot) of one chunk's rows in a batch.
     keys: Vec<u64>,
+    /// Scratch: one group's windows in the chunk being added.
+    windows: Windows,
 }
 
 impl std::fmt::Debug for HeSumAccumulator {
@@ -197,6 +230,7 @@ impl HeSumAccumulator {
             chunks: ChunkCache::new(),
             kernels: Kernels::detect(),
             keys: Vec::new(),
+            windows: Windows::default(),
         }
     }
 
@@ -222,29 +256,34 @@ impl HeSumAccumulator {
             let tables = self.chunks.get(seed, chunk);
             let mut i = 0;
             while i < self.keys.len() {
-                let first = self.keys[i];
-                let mut last = first;
-                while i + 1 < self.keys.len()
-                    && self.keys[i + 1] == last + 1
-                    && last & slot_mask != slot_mask
-                {
+                let group = (self.keys[i] >> SLOT_BITS) as usize;
+                self.windows.singles.clear();
+                self.windows.runs.clear();
+                while i < self.keys.len() && (self.keys[i] >> SLOT_BITS) as usize == group {
+                    let first = self.keys[i];
+                    let mut last = first;
+                    while i + 1 < self.keys.len()
+                        && self.keys[i + 1] == last + 1
+                        && last & slot_mask != slot_mask
+                    {
+                        i += 1;
+                        last += 1;
+                    }
                     i += 1;
-                    last += 1;
+                    let (j0, j1) = ((first & slot_mask) as usize, (last & slot_mask) as usize);
+                    if j0 == j1 {
+                        self.windows.singles.push(N - 1 - j0);
+                    } else {
+                        self.windows.runs.push((N - 1 - j1, N - j0));
+                    }
                 }
-                i += 1;
-                let group = (first >> SLOT_BITS) as usize;
-                let (j0, j1) = ((first & slot_mask) as usize, (last & slot_mask) as usize);
                 let at = (group * self.limbs + limb) * N;
-                let acc = &mut self.masks[at..at + N];
-                if j0 == j1 {
-                    (self.kernels.add)(acc, &tables.single[N - 1 - j0..2 * N - 1 - j0]);
-                } else {
-                    (self.kernels.add_diff)(
-                        acc,
-                        &tables.prefix[N - 1 - j1..2 * N - 1 - j1],
-                        &tables.prefix[N - j0..2 * N - j0],
-                    );
-                }
+                (self.kernels.add_windows)(
+                    &mut self.masks[at..at + N],
+                    &self.windows,
+                    &tables.single,
+                    &tables.prefix,
+                );
             }
         }
         self.keys.clear();

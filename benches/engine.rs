@@ -137,6 +137,7 @@ async fn main() {
     let schema = batches(BATCH).next().unwrap().schema();
     let mut encryptor = Encryptor::new(&key, &schema, &measures).unwrap();
     let encrypted_schema = encryptor.schema();
+    reset_peak_rss();
     let mut encrypt = Duration::ZERO;
     let encrypted = batches(rows).map(|b| {
         let start = Instant::now();

@@ -16,31 +16,23 @@ use datafusion::physical_plan::{
 };
 use futures::StreamExt;
 
-use super::storage::assemble_cells;
-use crate::cell::ColumnCrypto;
-
-/// One output column: a stored column passed through, or a cell assembled from three.
-#[derive(Clone, Debug)]
-pub(crate) enum OutColumn {
-    Plain(usize),
-    Cell {
-        crypto: ColumnCrypto,
-        body: usize,
-        row: usize,
-        seed: usize,
-    },
-}
+use super::storage::{assemble_cells, ColumnLayout};
 
 #[derive(Debug)]
 pub(crate) struct CellAssembleExec {
     input: Arc<dyn ExecutionPlan>,
     schema: SchemaRef,
-    columns: Arc<Vec<OutColumn>>,
+    /// Output columns, with indices into the input (stored) batch.
+    columns: Arc<Vec<ColumnLayout>>,
     properties: Arc<PlanProperties>,
 }
 
 impl CellAssembleExec {
-    pub fn new(input: Arc<dyn ExecutionPlan>, schema: SchemaRef, columns: Vec<OutColumn>) -> Self {
+    pub fn new(
+        input: Arc<dyn ExecutionPlan>,
+        schema: SchemaRef,
+        columns: Vec<ColumnLayout>,
+    ) -> Self {
         let properties = Arc::new(PlanProperties::new(
             EquivalenceProperties::new(schema.clone()),
             input.output_partitioning().clone(),
@@ -56,12 +48,16 @@ impl CellAssembleExec {
     }
 }
 
-fn assemble(batch: RecordBatch, schema: &SchemaRef, columns: &[OutColumn]) -> Result<RecordBatch> {
+fn assemble(
+    batch: RecordBatch,
+    schema: &SchemaRef,
+    columns: &[ColumnLayout],
+) -> Result<RecordBatch> {
     let out: Vec<ArrayRef> = columns
         .iter()
         .map(|c| match c {
-            OutColumn::Plain(i) => Ok(batch.column(*i).clone()),
-            OutColumn::Cell {
+            ColumnLayout::Plain { storage } => Ok(batch.column(*storage).clone()),
+            ColumnLayout::Cell {
                 crypto,
                 body,
                 row,

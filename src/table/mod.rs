@@ -26,7 +26,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::error::{HedfError, Result};
 use crate::keys::KeyId;
-use exec::{CellAssembleExec, OutColumn};
+use exec::CellAssembleExec;
 use storage::{ColumnLayout, StorageLayout};
 
 /// An encrypted table stored as Parquet files in one folder.
@@ -155,16 +155,18 @@ impl TableProvider for EncryptedTable {
                 stored.len() - 1
             }
         };
-        let columns: Vec<OutColumn> = projection
+        let columns: Vec<ColumnLayout> = projection
             .iter()
             .map(|&i| match &self.layout.columns[i] {
-                ColumnLayout::Plain { storage } => OutColumn::Plain(position(*storage)),
+                ColumnLayout::Plain { storage } => ColumnLayout::Plain {
+                    storage: position(*storage),
+                },
                 ColumnLayout::Cell {
                     crypto,
                     body,
                     row,
                     seed,
-                } => OutColumn::Cell {
+                } => ColumnLayout::Cell {
                     crypto: *crypto,
                     body: position(*body),
                     row: position(*row),

@@ -148,9 +148,10 @@ async fn main() {
     EncryptedTable::create_streaming(&dir.path().join("enc"), encrypted_schema, encrypted).unwrap();
     let values = rows * MEASURES.len();
     println!(
-        "encrypt: {:.2} s, {:.2} M values/s",
+        "encrypt: {:.2} s, {:.2} M values/s; peak RSS while encrypting and writing: {:.0} MiB",
         encrypt.as_secs_f64(),
-        values as f64 / encrypt.as_secs_f64() / 1e6
+        values as f64 / encrypt.as_secs_f64() / 1e6,
+        peak_rss_mib()
     );
     write_plain(&dir.path().join("plain"), batches(rows));
     let dims_only = dir.path().join("dims");

@@ -6,7 +6,8 @@
 //! With `R` the reversed prefix sums of `w` (built once per chunk, O(N)), a run of consecutive
 //! slots `j0..=j1` of one group adds `R[N-1-j1+i] - R[N-j0+i]` to coefficient `i`: O(N) for the
 //! whole run, however long. Clustered data costs O(N) per chunk; scattered rows O(N) per row,
-//! with rows bucketed by group inside a chunk so each group's accumulator stays in cache.
+//! with a chunk's rows sorted by (group, slot) and each group's rows added 64 coefficients at a
+//! time, so its accumulator is read and written once per chunk.
 
 use std::sync::Arc;
 
@@ -194,6 +195,7 @@ impl Kernels {
 /// Bits of a sort key that hold the slot; the group index takes the bits above.
 const SLOT_BITS: u32 = N.trailing_zeros();
 
+/// he_sum's per-partition state for any number of groups (a `GroupsAccumulator`).
 pub struct HeSumAccumulator {
     column: String,
     crypto: ColumnCrypto,

@@ -17,12 +17,12 @@ use crate::table::EncryptedTable;
 
 const BATCH_ROWS: usize = 65_536;
 
+/// Batches read from a file, one at a time.
+pub type BatchStream = Box<dyn Iterator<Item = Result<RecordBatch>>>;
+
 /// Plaintext batches of a `.csv` (with header) or `.parquet` file. CSV measure columns are read
 /// as text so decimals are parsed exactly, never through a float.
-pub fn read_file(
-    path: &Path,
-    measures: &[MeasureColumn],
-) -> Result<(SchemaRef, Box<dyn Iterator<Item = Result<RecordBatch>>>)> {
+pub fn read_file(path: &Path, measures: &[MeasureColumn]) -> Result<(SchemaRef, BatchStream)> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("csv") => {
             let format = Format::default().with_header(true);

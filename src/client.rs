@@ -121,13 +121,13 @@ impl<'k> Encryptor<'k> {
                     let values = fixed_point_values(column, crypto.spec.scale, name)?;
                     if let Some(row) = values
                         .iter()
-                        .position(|v| v.is_some_and(|v| v.abs() > crypto.spec.max_abs()))
+                        .position(|v| v.is_some_and(|v| v.unsigned_abs() > crypto.spec.max_abs() as u64))
                     {
                         return Err(HedfError::Encoding {
                             column: name.clone(),
                             row,
                             why: format!(
-                                "|value| exceeds the declared precision (max {} in fixed point)",
+                                "|value| exceeds what the declared precision allows (at most {} in fixed point)",
                                 crypto.spec.max_abs()
                             ),
                         });
@@ -559,6 +559,25 @@ mod tests {
         let sd = (noise.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
         assert!(mean.abs() < 0.2, "mean {mean}");
         assert!((3.85..4.2).contains(&sd), "sd {sd}");
+    }
+
+    #[test]
+    fn values_beyond_the_declared_precision_are_refused_even_i64_min() {
+        let key = ClientKey::generate();
+        for bad in [1_048_576i64, -1_048_576, i64::MIN] {
+            let batch = RecordBatch::try_from_iter([(
+                "v",
+                Arc::new(Int64Array::from(vec![1, bad])) as ArrayRef,
+            )])
+            .unwrap();
+            let err = encrypt_batches(
+                &key,
+                &[batch],
+                &[MeasureColumn::new("v", 0).with_precision(6)],
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("column v, row 1"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -143,6 +143,9 @@ impl ClientKey {
             )),
             _ => HedfError::Io(e),
         })?;
+        // `mode` applies only when the file is created; an overwritten file is tightened too.
+        #[cfg(unix)]
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         file.write_all(&self.to_bytes())?;
         file.sync_all()?;
         Ok(())
@@ -187,6 +190,9 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--force"));
+        #[cfg(unix)]
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
         ClientKey::generate().save(&path, true).unwrap();
         #[cfg(unix)]
         {

@@ -111,37 +111,32 @@ impl<'k> Encryptor<'k> {
     /// Encrypts one batch. Each batch starts at a fresh chunk so no mask is ever reused.
     pub fn encrypt(&mut self, batch: &RecordBatch) -> Result<RecordBatch> {
         let first_chunk = self.next_chunk;
-        let mut columns = Vec::with_capacity(batch.num_columns());
-        for (idx, plan) in self.plans.iter().enumerate() {
-            let column = batch.column(idx);
-            columns.push(match plan {
-                Plan::Plain => column.clone(),
-                Plan::Measure { crypto, seeds } => {
-                    let name = self.schema.field(idx).name();
-                    let values = fixed_point_values(column, crypto.spec.scale, name)?;
-                    if let Some(row) = values
-                        .iter()
-                        .position(|v| v.is_some_and(|v| v.unsigned_abs() > crypto.spec.max_abs() as u64))
-                    {
-                        return Err(HedfError::Encoding {
-                            column: name.clone(),
-                            row,
-                            why: format!(
-                                "|value| exceeds what the declared precision allows (at most {} in fixed point)",
-                                crypto.spec.max_abs()
-                            ),
-                        });
-                    }
-                    Arc::new(encrypt_column(
-                        self.key,
-                        crypto,
-                        seeds,
-                        &values,
-                        first_chunk,
-                    )) as ArrayRef
+        // Columns are independent: encrypt them in parallel (chunks inside are parallel too).
+        let columns = self
+            .plans
+            .par_iter()
+            .enumerate()
+            .map(|(idx, plan)| {
+                let column = batch.column(idx);
+                let Plan::Measure { crypto, seeds } = plan else {
+                    return Ok(column.clone());
+                };
+                let name = self.schema.field(idx).name();
+                let values = fixed_point_values(column, crypto.spec.scale, name)?;
+                let too_large = |v: &Option<i64>| v.is_some_and(|v| v.unsigned_abs() > crypto.spec.max_abs() as u64);
+                if let Some(row) = values.iter().position(too_large) {
+                    return Err(HedfError::Encoding {
+                        column: name.clone(),
+                        row,
+                        why: format!(
+                            "|value| exceeds what the declared precision allows (at most {} in fixed point)",
+                            crypto.spec.max_abs()
+                        ),
+                    });
                 }
-            });
-        }
+                Ok(Arc::new(encrypt_column(self.key, crypto, seeds, &values, first_chunk)) as ArrayRef)
+            })
+            .collect::<Result<Vec<_>>>()?;
         self.next_chunk += batch.num_rows().div_ceil(POLYNOMIAL_SIZE) as u64;
         Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
@@ -352,16 +347,19 @@ fn encrypt_column(
     }
     let width = crypto.cell_width();
     let mut bytes = vec![0u8; values.len() * width];
-    for (r, cell) in bytes.chunks_exact_mut(width).enumerate() {
-        let row = (first_chunk as usize * POLYNOMIAL_SIZE + r) as u64;
-        write_cell(
-            cell,
-            crypto,
-            row,
-            seeds,
-            &bodies[r * limbs..(r + 1) * limbs],
-        );
-    }
+    bytes
+        .par_chunks_exact_mut(width)
+        .enumerate()
+        .for_each(|(r, cell)| {
+            let row = (first_chunk as usize * POLYNOMIAL_SIZE + r) as u64;
+            write_cell(
+                cell,
+                crypto,
+                row,
+                seeds,
+                &bodies[r * limbs..(r + 1) * limbs],
+            );
+        });
     let nulls = NullBuffer::from_iter(values.iter().map(Option::is_some));
     let nulls = (nulls.null_count() > 0).then_some(nulls);
     FixedSizeBinaryArray::new(width as i32, Buffer::from_vec(bytes), nulls)

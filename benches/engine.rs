@@ -208,8 +208,8 @@ async fn main() {
         ),
     ];
     println!(
-        "{:<42} {:>12} {:>12} {:>8} {:>14} {:>12}",
-        "query", "plaintext", "encrypted", "ratio", "ns/row/measure", "decrypt/val"
+        "{:<42} {:>12} {:>12} {:>8} {:>14} {:>12} {:>10}",
+        "query", "plaintext", "encrypted", "ratio", "ns/row/measure", "decrypt/val", "peak RSS"
     );
     for (name, group, filter) in cases {
         let keys = group.trim_start_matches("GROUP BY ");

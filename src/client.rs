@@ -525,28 +525,30 @@ mod tests {
     use super::*;
     use arrow::array::Int64Array;
 
+    /// `n` encrypted zeros of a DECIMAL(1, 0) column, and that column's crypto.
+    fn encrypted_zeros(key: &ClientKey, n: usize) -> (ColumnCrypto, ArrayRef) {
+        let zeros = RecordBatch::try_from_iter([(
+            "v",
+            Arc::new(Int64Array::from(vec![0i64; n])) as ArrayRef,
+        )])
+        .unwrap();
+        let measure = MeasureColumn::new("v", 0).with_precision(1);
+        let (_, encrypted) = encrypt_batches(key, &[zeros], &[measure]).unwrap();
+        let crypto = ColumnCrypto {
+            key_id: key.id(),
+            spec: MeasureSpec::for_precision(1, 0).unwrap(),
+        };
+        (crypto, encrypted[0].column(0).clone())
+    }
+
     /// Encrypting zeros and reading the raw phases measures the noise tfhe actually added: it
     /// must match the parameter set's standard deviation (4.0 on the u64 torus), centred on 0.
     #[test]
     fn encryption_noise_matches_the_parameter_set() {
         let key = ClientKey::generate();
         let n = 4 * POLYNOMIAL_SIZE;
-        let zeros = RecordBatch::try_from_iter([(
-            "v",
-            Arc::new(Int64Array::from(vec![0i64; n])) as ArrayRef,
-        )])
-        .unwrap();
-        let (_, encrypted) = encrypt_batches(
-            &key,
-            &[zeros],
-            &[MeasureColumn::new("v", 0).with_precision(1)],
-        )
-        .unwrap();
-        let cells = encrypted[0].column(0).as_fixed_size_binary();
-        let crypto = ColumnCrypto {
-            key_id: key.id(),
-            spec: MeasureSpec::for_precision(1, 0).unwrap(),
-        };
+        let (crypto, cells) = encrypted_zeros(&key, n);
+        let cells = cells.as_fixed_size_binary();
         let mut dec = CellDecryptor::new(&key);
         let noise: Vec<f64> = (0..n)
             .map(|i| {
@@ -570,25 +572,10 @@ mod tests {
         let key = ClientKey::generate();
         let (groups, per_group) = (256usize, 64usize);
         let n = groups * per_group;
-        let zeros = RecordBatch::try_from_iter([(
-            "v",
-            Arc::new(Int64Array::from(vec![0i64; n])) as ArrayRef,
-        )])
-        .unwrap();
-        let (_, encrypted) = encrypt_batches(
-            &key,
-            &[zeros],
-            &[MeasureColumn::new("v", 0).with_precision(1)],
-        )
-        .unwrap();
-        let crypto = ColumnCrypto {
-            key_id: key.id(),
-            spec: MeasureSpec::for_precision(1, 0).unwrap(),
-        };
+        let (crypto, cells) = encrypted_zeros(&key, n);
         let mut acc = crate::udaf::HeSumAccumulator::new("v".into(), crypto);
         let group_of: Vec<usize> = (0..n).map(|i| (i * 7919) % groups).collect();
-        acc.update_batch(&[encrypted[0].column(0).clone()], &group_of, None, groups)
-            .unwrap();
+        acc.update_batch(&[cells], &group_of, None, groups).unwrap();
         let sums = acc.evaluate(EmitTo::All).unwrap();
         let sums = sums.as_binary::<i64>();
         let noise: Vec<f64> = (0..groups)

@@ -12,9 +12,11 @@ use arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
+use crate::catalog::IngestMode;
 use crate::client::{decrypt_batch, encrypt_batches, MeasureColumn};
 use crate::error::{HedfError, Result};
 use crate::keys::ClientKey;
+use crate::remote::Remote;
 use crate::session::new_context;
 use crate::table::EncryptedTable;
 
@@ -134,9 +136,12 @@ async fn verify(plain: &SessionContext, over: &str, decrypted: &[RecordBatch]) -
         batches
             .iter()
             .flat_map(|b| {
-                (2..b.num_columns()).flat_map(move |c| {
-                    let col = b.column(c).as_primitive::<Decimal128Type>();
-                    (0..col.len()).map(move |r| col.is_valid(r).then(|| col.value(r)))
+                // Row by row, so results split into batches differently still compare.
+                (0..b.num_rows()).flat_map(move |r| {
+                    (2..b.num_columns()).map(move |c| {
+                        let col = b.column(c).as_primitive::<Decimal128Type>();
+                        col.is_valid(r).then(|| col.value(r))
+                    })
                 })
             })
             .collect()
@@ -234,6 +239,92 @@ pub async fn run(data_dir: &Path, out: &mut impl Write) -> Result<()> {
             ))
         }
         Err(e) => writeln!(out, "{}", e.strip_backtrace())?,
+    }
+    Ok(())
+}
+
+/// The seed's client script against a running hedf server: the same steps and output as
+/// [`run`], over Flight SQL. The key never leaves this process; the server sees ciphertext.
+pub async fn run_remote(
+    url: &str,
+    login: Option<(&str, &str)>,
+    out: &mut impl Write,
+) -> Result<()> {
+    let key = ClientKey::generate();
+    let (schema, plain_batches) = population()?;
+    let plain = SessionContext::new();
+    plain.register_table(
+        "population_plain",
+        Arc::new(MemTable::try_new(
+            schema.clone(),
+            vec![plain_batches.clone()],
+        )?),
+    )?;
+    let mut server = Remote::connect(url, login).await?;
+
+    writeln!(out, "get before dataset has been uploaded:")?;
+    match server.query(&aggregation_sql(TABLE, "AREA", "he_sum")?).await {
+        Ok(_) => {
+            return Err(HedfError::Invalid(format!(
+                "table {TABLE} already exists on the server; drop it before running the demo"
+            )))
+        }
+        Err(e) => writeln!(out, "{e}")?,
+    }
+
+    writeln!(out, "upload encrypted dataset:")?;
+    let measures: Vec<MeasureColumn> = YEARS.iter().map(|y| MeasureColumn::new(*y, 1)).collect();
+    let (encrypted_schema, encrypted) = encrypt_batches(&key, &plain_batches, &measures)?;
+    let rows = server
+        .upload(
+            TABLE,
+            IngestMode::CREATE,
+            encrypted_schema,
+            futures::stream::iter(encrypted.into_iter().map(Ok)),
+        )
+        .await?;
+    writeln!(out, "{rows} rows (key id {})", key.id())?;
+
+    for (title, over) in [("area", "AREA"), ("age", "AGE GROUP"), ("sex", "SEX")] {
+        writeln!(out, "aggregate by {title} and decrypt:")?;
+        let (_, results) = server.query(&aggregation_sql(TABLE, over, "he_sum")?).await?;
+        let decrypted = results
+            .iter()
+            .map(|b| decrypt_batch(&key, b))
+            .collect::<Result<Vec<_>>>()?;
+        write!(out, "{}", format_grouped(&decrypted, 2)?)?;
+        let groups: usize = decrypted.iter().map(|b| b.num_rows()).sum();
+        writeln!(out, "[{groups} rows x {} columns]", YEARS.len())?;
+        let checked = verify(&plain, over, &decrypted).await?;
+        writeln!(
+            out,
+            "verified: all {checked} sums equal plaintext DataFusion SUM"
+        )?;
+    }
+
+    writeln!(out, "aggregate with invalid param:")?;
+    let invalid = format!(
+        "SELECT \"INVALID\", he_sum(\"2018\") FROM {TABLE} GROUP BY \"INVALID\""
+    );
+    match server.query(&invalid).await {
+        Ok(_) => {
+            return Err(HedfError::Invalid(
+                "invalid aggregation unexpectedly accepted".into(),
+            ))
+        }
+        Err(e) => writeln!(out, "{e}")?,
+    }
+
+    writeln!(out, "delete encrypted data on server:")?;
+    server.execute(&format!("DROP TABLE {TABLE}")).await?;
+    writeln!(out, "check encrypted data no longer on server:")?;
+    match server.query(&format!("SELECT COUNT(*) FROM {TABLE}")).await {
+        Ok(_) => {
+            return Err(HedfError::Invalid(
+                "table still present after delete".into(),
+            ))
+        }
+        Err(e) => writeln!(out, "{e}")?,
     }
     Ok(())
 }

@@ -32,6 +32,16 @@ pub enum HedfError {
         row: usize,
         why: String,
     },
+    #[error("no such table: {0}")]
+    NoSuchTable(String),
+    #[error("table {0} already exists")]
+    TableExists(String),
+    #[error("authentication failed: {0}")]
+    Unauthenticated(String),
+    #[error("upload too large: {0}")]
+    TooLarge(String),
+    #[error("server error ({code}): {message}")]
+    Remote { code: String, message: String },
     #[error("invalid input: {0}")]
     Invalid(String),
     #[error("invalid key file: {0}")]
@@ -43,6 +53,9 @@ pub enum HedfError {
     #[cfg(feature = "engine")]
     #[error("Parquet error: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
+    #[cfg(feature = "engine")]
+    #[error("Flight error: {0}")]
+    Flight(#[from] arrow_flight::error::FlightError),
     #[cfg(feature = "engine")]
     #[error(transparent)]
     DataFusion(#[from] datafusion::error::DataFusionError),

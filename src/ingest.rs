@@ -13,12 +13,12 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use crate::client::{infer_precisions, Encryptor, MeasureColumn};
 use crate::error::{HedfError, Result};
 use crate::keys::ClientKey;
-use crate::table::EncryptedTable;
+use crate::table::{EncryptedTable, SegmentWriter, StorageLayout, UploadFormat};
 
 const BATCH_ROWS: usize = 65_536;
 
 /// Batches read from a file, one at a time.
-pub type BatchStream = Box<dyn Iterator<Item = Result<RecordBatch>>>;
+pub type BatchStream = Box<dyn Iterator<Item = Result<RecordBatch>> + Send>;
 
 /// Plaintext batches of a `.csv` (with header) or `.parquet` file. CSV measure columns are read
 /// as text so decimals are parsed exactly, never through a float.
@@ -61,6 +61,53 @@ pub fn read_file(path: &Path, measures: &[MeasureColumn]) -> Result<(SchemaRef, 
         }
         _ => Err(HedfError::Invalid(format!(
             "{}: expected a .csv or .parquet file",
+            path.display()
+        ))),
+    }
+}
+
+/// Encrypts `input`'s `measures` into one Parquet file in hedf's stored layout (what a server
+/// keeps and what `hedf upload` or any Flight SQL client can ingest). Returns the row count.
+pub fn encrypt_to_parquet(
+    key: &ClientKey,
+    input: &Path,
+    measures: &[MeasureColumn],
+    out: &Path,
+) -> Result<usize> {
+    let (schema, batches) = read_file(input, measures)?;
+    let resolved = if measures.iter().any(|m| m.precision.is_none()) {
+        infer_precisions(&schema, measures, batches)?
+    } else {
+        measures.to_vec()
+    };
+    let mut encryptor = Encryptor::new(key, &schema, &resolved)?;
+    let layout = Arc::new(StorageLayout::from_engine(&encryptor.schema())?);
+    let mut writer = SegmentWriter::create(out, layout, UploadFormat::Cells)?;
+    let (_, batches) = read_file(input, measures)?;
+    for batch in batches {
+        writer.write(&encryptor.encrypt(&batch?)?)?;
+    }
+    writer.finish()
+}
+
+/// Reads an encrypted Arrow file (`.parquet`, or `.arrow` IPC file or stream) as batches.
+pub fn read_encrypted(path: &Path) -> Result<(SchemaRef, BatchStream)> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("parquet") => read_file(path, &[]),
+        Some("arrow" | "arrows" | "ipc" | "feather") => {
+            if let Ok(reader) = arrow::ipc::reader::FileReader::try_new(File::open(path)?, None) {
+                let schema = reader.schema();
+                return Ok((schema, Box::new(reader.map(|b| b.map_err(HedfError::from)))));
+            }
+            let reader = arrow::ipc::reader::StreamReader::try_new(
+                std::io::BufReader::new(File::open(path)?),
+                None,
+            )?;
+            let schema = reader.schema();
+            Ok((schema, Box::new(reader.map(|b| b.map_err(HedfError::from)))))
+        }
+        _ => Err(HedfError::Invalid(format!(
+            "{}: expected a .parquet or .arrow file",
             path.display()
         ))),
     }

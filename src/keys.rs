@@ -53,6 +53,12 @@ const MAGIC: &[u8; 8] = b"HEDFKEY\0";
 const FORMAT_VERSION: u8 = 1;
 const HEADER_LEN: usize = 8 + 1 + 1 + 8 + 4;
 
+/// Whether `bytes` hold a serialized client key (its magic anywhere in them), so code that
+/// must never store keys (the server) can refuse them.
+pub fn is_key_material(bytes: &[u8]) -> bool {
+    bytes.windows(MAGIC.len()).any(|w| w == MAGIC)
+}
+
 impl ClientKey {
     /// A fresh binary GLWE secret key from tfhe's secret generator, seeded by tfhe's seeder
     /// (rdseed or the OS entropy source).

@@ -25,11 +25,17 @@ pub mod mask;
 pub mod params;
 
 #[cfg(feature = "engine")]
+pub mod catalog;
+#[cfg(feature = "engine")]
 pub mod demo;
+#[cfg(feature = "engine")]
+pub mod flight;
 #[cfg(feature = "engine")]
 pub mod guard;
 #[cfg(feature = "engine")]
 pub mod ingest;
+#[cfg(feature = "engine")]
+pub mod remote;
 #[cfg(feature = "engine")]
 pub mod session;
 #[cfg(feature = "engine")]

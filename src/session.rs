@@ -2,6 +2,9 @@
 
 use std::sync::Arc;
 
+use datafusion::common::TableReference;
+use datafusion::datasource::TableProvider;
+use datafusion::error::Result as DfResult;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
@@ -29,4 +32,22 @@ pub fn new_context_with_config(config: SessionConfig) -> SessionContext {
     let ctx = SessionContext::new_with_state(state);
     ctx.register_udaf(he_sum_udaf());
     ctx
+}
+
+/// Catalog and schema names a served tenant's tables live under (`hedf.public.<table>`).
+pub const CATALOG: &str = "hedf";
+pub const SCHEMA: &str = "public";
+
+/// A session over one tenant's tables, as the server runs queries: only those tables exist.
+pub fn tenant_context<'a>(
+    tables: impl IntoIterator<Item = (&'a str, Arc<dyn TableProvider>)>,
+) -> DfResult<SessionContext> {
+    let config = SessionConfig::new()
+        .with_default_catalog_and_schema(CATALOG, SCHEMA)
+        .with_information_schema(false);
+    let ctx = new_context_with_config(config);
+    for (name, table) in tables {
+        ctx.register_table(TableReference::bare(name), table)?;
+    }
+    Ok(ctx)
 }

@@ -27,12 +27,13 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use crate::error::{HedfError, Result};
 use crate::keys::KeyId;
 use exec::CellAssembleExec;
-use storage::{ColumnLayout, StorageLayout};
+use storage::ColumnLayout;
+pub(crate) use storage::StorageLayout;
+pub use storage::{SegmentWriter, UploadFormat};
 
 /// An encrypted table stored as Parquet files in one folder.
 #[derive(Debug)]
 pub struct EncryptedTable {
-    dir: PathBuf,
     layout: Arc<StorageLayout>,
     files: ListingTable,
 }
@@ -50,7 +51,7 @@ impl EncryptedTable {
     where
         I: IntoIterator<Item = Result<RecordBatch>>,
     {
-        let layout = StorageLayout::from_engine(&schema)?;
+        let layout = Arc::new(StorageLayout::from_engine(&schema)?);
         std::fs::create_dir_all(dir)?;
         if data_files(dir)?.next().is_some() {
             return Err(HedfError::Invalid(format!(
@@ -58,30 +59,54 @@ impl EncryptedTable {
                 dir.display()
             )));
         }
-        layout.write_parquet(&dir.join("part-00000.parquet"), batches)?;
+        let mut writer = SegmentWriter::create(
+            &dir.join("part-00000.parquet"),
+            layout,
+            UploadFormat::Cells,
+        )?;
+        for batch in batches {
+            writer.write(&batch?)?;
+        }
+        writer.finish()?;
         Self::open(dir)
     }
 
     /// Opens a table folder written by [`Self::create`].
     pub fn open(dir: &Path) -> Result<Self> {
-        let first = data_files(dir)?
-            .next()
-            .ok_or_else(|| HedfError::Invalid(format!("no table in {}", dir.display())))?;
+        let files: Vec<PathBuf> = data_files(dir)?.collect();
+        if files.is_empty() {
+            return Err(HedfError::Invalid(format!("no table in {}", dir.display())));
+        }
+        Self::from_files(&files)
+    }
+
+    /// Opens a table made of the given Parquet segments (all written with one layout).
+    pub fn from_files(files: &[PathBuf]) -> Result<Self> {
+        let first = files
+            .first()
+            .ok_or_else(|| HedfError::Invalid("a table needs at least one file".into()))?;
         let stored = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(first)?)?
             .schema()
             .clone();
         let layout = Arc::new(StorageLayout::from_storage(&stored)?);
-        let url = ListingTableUrl::parse(format!("{}/", dir.canonicalize()?.display()))?;
+        let urls = files
+            .iter()
+            .map(|f| ListingTableUrl::parse(f.canonicalize()?.display().to_string()).map_err(HedfError::from))
+            .collect::<Result<Vec<_>>>()?;
         let options =
             ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-        let config = ListingTableConfig::new(url)
+        let config = ListingTableConfig::new_with_multi_paths(urls)
             .with_listing_options(options)
             .with_schema(layout.storage.clone());
         Ok(EncryptedTable {
-            dir: dir.to_path_buf(),
             files: ListingTable::try_new(config)?,
             layout,
         })
+    }
+
+    /// The layout of this table's stored parts.
+    pub(crate) fn layout(&self) -> &Arc<StorageLayout> {
+        &self.layout
     }
 
     /// The key id every encrypted column of this table carries.
@@ -89,9 +114,6 @@ impl EncryptedTable {
         self.layout.key_id
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
 }
 
 fn data_files(dir: &Path) -> Result<impl Iterator<Item = PathBuf>> {

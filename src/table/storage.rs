@@ -7,7 +7,7 @@
 //! Field metadata (`hedf.*`) on `m` makes the file self-describing for any Parquet reader.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, FixedSizeBinaryArray, UInt64Array};
@@ -21,7 +21,7 @@ use parquet::schema::types::ColumnPath;
 
 use crate::cell::{assemble_cell, CellRef, ColumnCrypto, KIND_CELL};
 use crate::error::{HedfError, Result};
-use crate::keys::KeyId;
+use crate::keys::{is_key_material, KeyId};
 use crate::params::POLYNOMIAL_SIZE;
 
 const ROW_PREFIX: &str = "__hedf_row__";
@@ -258,33 +258,240 @@ impl StorageLayout {
         props.build()
     }
 
-    /// Writes batches to `path` atomically: a temporary file, fsync, rename, fsync of the folder.
-    pub fn write_parquet<I>(&self, path: &Path, batches: I) -> Result<usize>
-    where
-        I: IntoIterator<Item = Result<RecordBatch>>,
-    {
-        let tmp = path.with_extension("parquet.tmp");
-        let result = (|| {
-            let file = File::create(&tmp)?;
-            let mut writer =
-                ArrowWriter::try_new(file, self.storage.clone(), Some(self.writer_properties()))?;
-            let mut rows = 0;
-            for batch in batches {
-                let stored = self.to_storage(&batch?)?;
-                rows += stored.num_rows();
-                writer.write(&stored)?;
-            }
-            writer.into_inner()?.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            if let Some(dir) = path.parent() {
-                File::open(dir)?.sync_all()?;
-            }
-            Ok(rows)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+    /// Recovers the layout of an upload: stored parts (bodies, rows, seeds, as written by
+    /// [`SegmentWriter`]) when the schema has hedf's reserved columns, engine cells otherwise.
+    pub fn from_upload(uploaded: &Schema) -> Result<(Self, UploadFormat)> {
+        if uploaded.fields().iter().any(|f| is_reserved(f.name())) {
+            Ok((Self::from_storage(uploaded)?, UploadFormat::Stored))
+        } else {
+            Ok((Self::from_engine(uploaded)?, UploadFormat::Cells))
         }
-        result
+    }
+
+    /// Checks that `other` holds the same columns with the same encryption, so its rows can
+    /// join this table's.
+    pub fn check_compatible(&self, other: &StorageLayout) -> Result<()> {
+        let same = self.engine.fields().len() == other.engine.fields().len()
+            && self
+                .engine
+                .fields()
+                .iter()
+                .zip(other.engine.fields())
+                .zip(self.columns.iter().zip(&other.columns))
+                .all(|((a, b), (ca, cb))| {
+                    a.name() == b.name()
+                        && a.data_type() == b.data_type()
+                        && match (ca, cb) {
+                            (ColumnLayout::Plain { .. }, ColumnLayout::Plain { .. }) => true,
+                            (
+                                ColumnLayout::Cell { crypto: x, .. },
+                                ColumnLayout::Cell { crypto: y, .. },
+                            ) => x == y,
+                            _ => false,
+                        }
+                });
+        if same {
+            Ok(())
+        } else {
+            Err(HedfError::Invalid(format!(
+                "appended rows do not match the table: table columns are [{}], upload has [{}]",
+                describe(self),
+                describe(other)
+            )))
+        }
+    }
+
+    /// Validates a batch of stored parts and gives it this layout's schema: every present body
+    /// has its row and seed, plaintext binary and text hold no secret key.
+    pub fn check_stored(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let fields = self.storage.fields();
+        if batch.num_columns() != fields.len()
+            || batch
+                .columns()
+                .iter()
+                .zip(fields)
+                .any(|(c, f)| c.data_type() != f.data_type())
+        {
+            return Err(HedfError::Invalid(
+                "batch does not match the table's stored columns".into(),
+            ));
+        }
+        for layout in &self.columns {
+            match layout {
+                ColumnLayout::Cell {
+                    body, row, seed, ..
+                } => {
+                    let (b, r, s) = (batch.column(*body), batch.column(*row), batch.column(*seed));
+                    let orphan = (0..b.len()).any(|i| b.is_valid(i) && (r.is_null(i) || s.is_null(i)));
+                    if orphan {
+                        return Err(HedfError::Malformed(format!(
+                            "column {:?}: a ciphertext body lacks its row or seed",
+                            fields[*body].name()
+                        )));
+                    }
+                }
+                ColumnLayout::Plain { storage } => {
+                    refuse_key_material(fields[*storage].name(), batch.column(*storage))?
+                }
+            }
+        }
+        Ok(RecordBatch::try_new(
+            self.storage.clone(),
+            batch.columns().to_vec(),
+        )?)
+    }
+
+    /// Converts a batch in `format` to stored parts, validating it.
+    pub fn to_stored(&self, format: UploadFormat, batch: &RecordBatch) -> Result<RecordBatch> {
+        match format {
+            UploadFormat::Cells => {
+                for (layout, column) in self.columns.iter().zip(batch.columns()) {
+                    if let ColumnLayout::Plain { storage } = layout {
+                        refuse_key_material(self.storage.field(*storage).name(), column)?;
+                    }
+                }
+                self.to_storage(batch)
+            }
+            UploadFormat::Stored => self.check_stored(batch),
+        }
+    }
+}
+
+/// How an uploaded batch carries its ciphertexts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UploadFormat {
+    /// Engine cells, e.g. an encrypted batch straight from the client or a `SELECT *` download.
+    Cells,
+    /// Stored parts: bodies, rows, seeds (what a hedf Parquet file holds).
+    Stored,
+}
+
+fn describe(layout: &StorageLayout) -> String {
+    layout
+        .engine
+        .fields()
+        .iter()
+        .zip(&layout.columns)
+        .map(|(f, c)| match c {
+            ColumnLayout::Plain { .. } => format!("{} {}", f.name(), f.data_type()),
+            ColumnLayout::Cell { crypto, .. } => format!(
+                "{} encrypted(key {}, scale {}, {} limbs)",
+                f.name(),
+                crypto.key_id,
+                crypto.spec.scale,
+                crypto.spec.limbs
+            ),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Refuses a plaintext column holding a serialized client key: the server must never store one.
+fn refuse_key_material(name: &str, column: &ArrayRef) -> Result<()> {
+    let found = match column.data_type() {
+        DataType::Binary => column.as_binary::<i32>().iter().flatten().any(is_key_material),
+        DataType::LargeBinary => column.as_binary::<i64>().iter().flatten().any(is_key_material),
+        DataType::BinaryView => column.as_binary_view().iter().flatten().any(is_key_material),
+        DataType::Utf8 => column
+            .as_string::<i32>()
+            .iter()
+            .flatten()
+            .any(|v| is_key_material(v.as_bytes())),
+        DataType::LargeUtf8 => column
+            .as_string::<i64>()
+            .iter()
+            .flatten()
+            .any(|v| is_key_material(v.as_bytes())),
+        DataType::Utf8View => column
+            .as_string_view()
+            .iter()
+            .flatten()
+            .any(|v| is_key_material(v.as_bytes())),
+        _ => false,
+    };
+    if found {
+        return Err(HedfError::Invalid(format!(
+            "column {name:?} contains secret key material (a hedf client key); the server never \
+             stores keys: upload only the encrypted table"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes one immutable Parquet segment atomically: a temporary file, fsync, rename, fsync of
+/// the folder. Dropped before [`SegmentWriter::finish`], it removes the temporary file.
+pub struct SegmentWriter {
+    layout: Arc<StorageLayout>,
+    format: UploadFormat,
+    path: PathBuf,
+    tmp: PathBuf,
+    writer: Option<ArrowWriter<File>>,
+    rows: usize,
+}
+
+impl SegmentWriter {
+    pub(crate) fn create(
+        path: &Path,
+        layout: Arc<StorageLayout>,
+        format: UploadFormat,
+    ) -> Result<Self> {
+        let tmp = path.with_extension("parquet.tmp");
+        let file = File::create(&tmp)?;
+        let props = layout.writer_properties();
+        let writer = ArrowWriter::try_new(file, layout.storage.clone(), Some(props));
+        let writer = match writer {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e.into());
+            }
+        };
+        Ok(SegmentWriter {
+            layout,
+            format,
+            path: path.to_path_buf(),
+            tmp,
+            writer: Some(writer),
+            rows: 0,
+        })
+    }
+
+    /// Validates and appends one batch in the writer's upload format.
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let stored = self.layout.to_stored(self.format, batch)?;
+        self.rows += stored.num_rows();
+        self.writer
+            .as_mut()
+            .expect("writer is open until finish")
+            .write(&stored)?;
+        Ok(())
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(crate) fn layout(&self) -> &Arc<StorageLayout> {
+        &self.layout
+    }
+
+    /// Makes the segment durable under its final name; returns its row count.
+    pub fn finish(mut self) -> Result<usize> {
+        let writer = self.writer.take().expect("finish runs once");
+        writer.into_inner()?.sync_all()?;
+        std::fs::rename(&self.tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(self.rows)
+    }
+}
+
+impl Drop for SegmentWriter {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 

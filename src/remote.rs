@@ -1,0 +1,242 @@
+//! A Flight SQL client for a hedf server: log in, upload encrypted tables, run SQL, list tables.
+//! It moves ciphertext only; decryption stays with [`crate::client`].
+
+use std::time::Duration;
+
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::writer::IpcWriteOptions;
+use arrow::ipc::CompressionType;
+use arrow::record_batch::RecordBatch;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use arrow_flight::sql::{
+    TableExistsOption, TableNotExistOption,
+};
+use arrow_flight::sql::TableDefinitionOptions;
+use arrow_flight::sql::{CommandGetTables, CommandStatementIngest, DoPutUpdateResult, ProstMessageExt};
+use arrow_flight::{FlightData, FlightDescriptor, FlightInfo, HandshakeRequest};
+use futures::{SinkExt, Stream, StreamExt, TryStreamExt};
+use prost::Message;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::catalog::{IfExists, IngestMode};
+use crate::error::{HedfError, Result};
+use crate::flight::ABORT_UPLOAD;
+
+/// Largest message the client accepts; results carry 32 KiB per encrypted sum.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// A connection to a hedf Flight SQL server.
+pub struct Remote {
+    client: FlightSqlServiceClient<Channel>,
+}
+
+impl Remote {
+    /// Connects to `url` (e.g. `http://127.0.0.1:50051`) and, given credentials, logs in with
+    /// the Flight handshake (Basic user:password, answered with a bearer token).
+    pub async fn connect(url: &str, login: Option<(&str, &str)>) -> Result<Self> {
+        let channel = Endpoint::from_shared(url.to_string())
+            .map_err(|e| HedfError::Invalid(format!("bad server URL {url:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| HedfError::Remote {
+                code: "unavailable".into(),
+                message: format!("cannot reach {url}: {e}"),
+            })?;
+        let inner = arrow_flight::flight_service_client::FlightServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let mut client = FlightSqlServiceClient::new_from_inner(inner);
+        if let Some((user, password)) = login {
+            // Called directly rather than through `FlightSqlServiceClient::handshake`, which
+            // turns a refusal into a generic error and loses its status code.
+            let mut request = tonic::Request::new(futures::stream::iter([HandshakeRequest::default()]));
+            let basic = base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                format!("{user}:{password}"),
+            );
+            let value = format!("Basic {basic}")
+                .parse()
+                .map_err(|_| HedfError::Invalid("credentials are not a valid header".into()))?;
+            request.metadata_mut().insert("authorization", value);
+            let response = client
+                .inner_mut()
+                .handshake(request)
+                .await
+                .map_err(status_error)?;
+            let token = response
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .ok_or_else(|| HedfError::Unauthenticated("the server issued no token".into()))?
+                .to_string();
+            client.set_token(token);
+        }
+        Ok(Remote { client })
+    }
+
+    /// Runs a query; returns the result schema (with hedf's column metadata) and batches.
+    pub async fn query(&mut self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let info = self
+            .client
+            .execute(sql.to_string(), None)
+            .await
+            .map_err(flight_error)?;
+        self.fetch(info).await
+    }
+
+    async fn fetch(&mut self, info: FlightInfo) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let schema = std::sync::Arc::new(info.clone().try_decode_schema()?);
+        let mut batches = Vec::new();
+        for endpoint in info.endpoint {
+            let ticket = endpoint
+                .ticket
+                .ok_or_else(|| HedfError::Malformed("endpoint without ticket".into()))?;
+            let stream = self.client.do_get(ticket).await.map_err(flight_error)?;
+            batches.extend(stream.try_collect::<Vec<_>>().await.map_err(flight_error)?);
+        }
+        Ok((schema, batches))
+    }
+
+    /// Runs a statement that returns no rows (`DROP TABLE`).
+    pub async fn execute(&mut self, sql: &str) -> Result<i64> {
+        self.client
+            .execute_update(sql.to_string(), None)
+            .await
+            .map_err(flight_error)
+    }
+
+    /// Uploads encrypted batches (engine cells or stored parts) with Flight SQL bulk ingest;
+    /// returns the row count the server committed. If `batches` fails midway, the call is
+    /// aborted so the server discards the partial upload.
+    pub async fn upload<S>(&mut self, table: &str, mode: IngestMode, schema: SchemaRef, batches: S) -> Result<i64>
+    where
+        S: Stream<Item = Result<RecordBatch>> + Send + 'static,
+    {
+        let command = CommandStatementIngest {
+            table_definition_options: Some(table_options(mode)),
+            table: table.to_string(),
+            ..Default::default()
+        };
+        let descriptor = FlightDescriptor::new_cmd(command.as_any().encode_to_vec());
+        // LZ4 shrinks the row and seed columns to almost nothing; ciphertext bodies do not
+        // compress and go raw (Arrow IPC keeps a buffer uncompressed when that is smaller).
+        let options = IpcWriteOptions::default().try_with_compression(Some(CompressionType::LZ4_FRAME))?;
+        let mut encoded = FlightDataEncoderBuilder::new()
+            .with_options(options)
+            .with_schema(schema)
+            .with_flight_descriptor(Some(descriptor))
+            .build(batches.map_err(|e| FlightError::ExternalError(Box::new(e))));
+        let (mut sender, receiver) = futures::channel::mpsc::channel::<FlightData>(2);
+        let feed = async move {
+            while let Some(data) = encoded.next().await {
+                let data = match data {
+                    Ok(data) => data,
+                    Err(e) => {
+                        // Ending the stream would look like a complete upload: say it is not.
+                        let abort = FlightData::new().with_app_metadata(ABORT_UPLOAD);
+                        let _ = sender.send(abort).await;
+                        return Err(flight_error(e));
+                    }
+                };
+                if sender.send(data).await.is_err() {
+                    break; // the call ended early; its status says why
+                }
+            }
+            Ok::<_, HedfError>(())
+        };
+        let call = async {
+            let mut results = self.client.do_put(receiver).await.map_err(flight_error)?;
+            let result = results
+                .message()
+                .await
+                .map_err(status_error)?
+                .ok_or_else(|| HedfError::Malformed("ingest returned no result".into()))?;
+            let result = DoPutUpdateResult::decode(result.app_metadata)
+                .map_err(|e| HedfError::Malformed(e.to_string()))?;
+            Ok::<_, HedfError>(result.record_count)
+        };
+        let (rows, ()) = futures::try_join!(call, feed)?;
+        Ok(rows)
+    }
+
+    /// The caller's tables with their schemas.
+    pub async fn tables(&mut self) -> Result<Vec<(String, SchemaRef)>> {
+        let info = self
+            .client
+            .get_tables(CommandGetTables {
+                include_schema: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(flight_error)?;
+        let (_, batches) = self.fetch(info).await?;
+        let mut tables = Vec::new();
+        for batch in batches {
+            use arrow::array::AsArray;
+            let names = batch
+                .column_by_name("table_name")
+                .ok_or_else(|| HedfError::Malformed("GetTables without table_name".into()))?
+                .as_string::<i32>()
+                .clone();
+            let schemas = batch
+                .column_by_name("table_schema")
+                .ok_or_else(|| HedfError::Malformed("GetTables without table_schema".into()))?
+                .as_binary::<i32>()
+                .clone();
+            for (name, schema) in names.iter().zip(schemas.iter()) {
+                let (Some(name), Some(schema)) = (name, schema) else { continue };
+                let schema = arrow::ipc::convert::try_schema_from_ipc_buffer(schema)?;
+                tables.push((name.to_string(), std::sync::Arc::new(schema)));
+            }
+        }
+        Ok(tables)
+    }
+}
+
+fn table_options(mode: IngestMode) -> TableDefinitionOptions {
+    TableDefinitionOptions {
+        if_not_exist: if mode.create_if_missing {
+            TableNotExistOption::Create
+        } else {
+            TableNotExistOption::Fail
+        } as i32,
+        if_exists: match mode.if_exists {
+            IfExists::Fail => TableExistsOption::Fail,
+            IfExists::Append => TableExistsOption::Append,
+            IfExists::Replace => TableExistsOption::Replace,
+        } as i32,
+    }
+}
+
+/// A server's refusal, with its gRPC code kept for the caller (and for exit codes).
+fn status_error(status: tonic::Status) -> HedfError {
+    use tonic::Code;
+    let message = status.message().to_string();
+    match status.code() {
+        Code::NotFound if message.starts_with("no such table: ") => {
+            HedfError::NoSuchTable(message["no such table: ".len()..].to_string())
+        }
+        Code::Unauthenticated => HedfError::Unauthenticated(message),
+        code => HedfError::Remote {
+            code: format!("{code:?}"),
+            message,
+        },
+    }
+}
+
+fn flight_error(e: FlightError) -> HedfError {
+    match e {
+        FlightError::Tonic(status) => status_error(*status),
+        FlightError::Arrow(e) => HedfError::Arrow(e),
+        FlightError::ExternalError(e) => match e.downcast::<HedfError>() {
+            Ok(h) => *h,
+            Err(e) => HedfError::Invalid(e.to_string()),
+        },
+        other => HedfError::Malformed(other.to_string()),
+    }
+}

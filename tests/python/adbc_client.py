@@ -1,0 +1,86 @@
+"""A stock Flight SQL client against hedf: the ADBC Flight SQL driver and pyarrow from PyPI.
+
+Run by tests/adbc.rs with: URL HEDF_BINARY WORK_DIR CSV. The hedf CLI encrypts and decrypts;
+ADBC only moves ciphertext. Expected sums come from the CSV through Python's decimal module,
+independently of hedf and DataFusion.
+"""
+
+import csv
+import subprocess
+import sys
+from collections import defaultdict
+from decimal import Decimal
+from pathlib import Path
+
+import adbc_driver_flightsql.dbapi as flightsql
+import adbc_driver_manager
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+url, hedf, work, source = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+years = ["2018", "2019", "2020", "2021", "2022"]
+
+
+def run(*args):
+    return subprocess.run([hedf, *args], check=True, capture_output=True, text=True).stdout
+
+
+def connect(user, password):
+    return flightsql.connect(
+        url, db_kwargs={"username": user, "password": password}, autocommit=True
+    )
+
+
+keys = work / "keys"
+run("keygen", "--out", str(keys))
+encrypted = work / "population.parquet"
+run("encrypt", source, "--key", str(keys), "--measures", ",".join(years), "--scale", "1",
+    "--out", str(encrypted))
+
+with connect("alice", "alice-secret") as conn:
+    table = pq.read_table(encrypted)
+    with conn.cursor() as cur:
+        rows = cur.adbc_ingest("population", table, mode="create")
+        assert rows == 152, rows
+
+        sums = ", ".join(f'he_sum("{y}") AS "{y}"' for y in years)
+        cur.execute(
+            f'SELECT "AREA", "SEX", {sums} FROM population GROUP BY "AREA", "SEX" '
+            'ORDER BY "AREA", "SEX"'
+        )
+        result = cur.fetch_arrow_table()
+    assert result.num_rows == 8, result.num_rows
+    assert result.schema.field("2018").metadata[b"hedf.kind"] == b"sum"
+    path = work / "result.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, result.schema) as writer:
+        writer.write_table(result)
+
+    objects = conn.adbc_get_objects(depth="all").read_all().to_pylist()
+    tables = [
+        (t["table_name"], [c["column_name"] for c in t["table_columns"] or []])
+        for cat in objects
+        for schema in cat["catalog_db_schemas"] or []
+        for t in schema["db_schema_tables"] or []
+    ]
+    assert ("population", ["AREA", "AGE GROUP", "SEX", *years]) in tables, tables
+
+decrypted = list(csv.DictReader(run("decrypt", str(path), "--key", str(keys), "--format", "csv").splitlines()))
+expected = defaultdict(lambda: [Decimal(0)] * len(years))
+with open(source, newline="") as f:
+    for row in csv.DictReader(f):
+        acc = expected[(row["AREA"], row["SEX"])]
+        for i, y in enumerate(years):
+            acc[i] += Decimal(row[y])
+assert len(decrypted) == len(expected) == 8
+for row in decrypted:
+    got = [Decimal(row[y]) for y in years]
+    assert got == expected[(row["AREA"], row["SEX"])], (row, expected[(row["AREA"], row["SEX"])])
+
+try:
+    with connect("alice", "wrong-password") as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1")
+    raise AssertionError("a wrong password was accepted")
+except adbc_driver_manager.Error as e:
+    assert "UNAUTHENTICATED" in str(e).upper() or "PASSWORD" in str(e).upper(), e
+
+print(f"adbc: ingested 152 rows, {len(decrypted)} decrypted groups equal the plaintext sums")

@@ -1,0 +1,480 @@
+//! The Flight SQL server as a real process on loopback, driven by arrow-flight's client (through
+//! `hedf::remote::Remote` and `FlightSqlServiceClient` directly). Every decrypted answer is
+//! compared with plaintext DataFusion on the same rows.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Decimal128Type, Field, Schema, SchemaRef};
+use arrow_flight::error::FlightError;
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use arrow_flight::sql::CommandGetPrimaryKeys;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use futures::TryStreamExt;
+use hedf::catalog::IngestMode;
+use hedf::client::{decrypt_batch, encrypt_batches, MeasureColumn};
+use hedf::demo::{aggregation_sql, population, YEARS};
+use hedf::keys::ClientKey;
+use hedf::remote::Remote;
+use hedf::HedfError;
+
+const ALICE: (&str, &str) = ("alice", "alice-secret");
+const BOB: (&str, &str) = ("bob", "bob-secret");
+
+/// A `hedf serve` child process; killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(dir: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hedf"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .args(["--user", "alice:alice-secret", "--user", "bob:bob-secret"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .split_whitespace()
+            .nth(4)
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .trim_end_matches(',');
+        Server {
+            url: format!("http://{addr}"),
+            child,
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn connect(&self, login: (&str, &str)) -> Remote {
+        Remote::connect(&self.url, Some(login)).await.unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn key() -> &'static ClientKey {
+    static KEY: std::sync::OnceLock<ClientKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(ClientKey::generate)
+}
+
+fn measures() -> Vec<MeasureColumn> {
+    YEARS.iter().map(|y| MeasureColumn::new(*y, 1)).collect()
+}
+
+/// The encrypted population table and a plaintext session holding the same rows.
+fn encrypted_population() -> (SchemaRef, Vec<RecordBatch>, SessionContext) {
+    let (schema, plain) = population().unwrap();
+    let (enc_schema, enc) = encrypt_batches(key(), &plain, &measures()).unwrap();
+    let ctx = SessionContext::new();
+    ctx.register_table(
+        "population",
+        Arc::new(MemTable::try_new(schema, vec![plain]).unwrap()),
+    )
+    .unwrap();
+    (enc_schema, enc, ctx)
+}
+
+async fn upload(remote: &mut Remote, table: &str, mode: IngestMode, schema: &SchemaRef, batches: &[RecordBatch]) -> hedf::Result<i64> {
+    let batches: Vec<hedf::Result<RecordBatch>> = batches.iter().cloned().map(Ok).collect();
+    remote
+        .upload(table, mode, schema.clone(), futures::stream::iter(batches))
+        .await
+}
+
+/// Decimal values of every column after the `keys` leading ones, row by row.
+fn values(batches: &[RecordBatch], keys: usize) -> Vec<Vec<Option<i128>>> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            (0..b.num_rows()).map(move |r| {
+                (keys..b.num_columns())
+                    .map(|c| {
+                        let col = b.column(c).as_primitive::<Decimal128Type>();
+                        col.is_valid(r).then(|| col.value(r))
+                    })
+                    .collect()
+            })
+        })
+        .collect()
+}
+
+/// Decrypted he_sum results of `over` from the server vs plaintext SUM of `factor` copies.
+async fn assert_exact(remote: &mut Remote, plain: &SessionContext, over: &str, factor: i128) {
+    let (_, got) = remote
+        .query(&aggregation_sql("population", over, "he_sum").unwrap())
+        .await
+        .unwrap();
+    let got: Vec<RecordBatch> = got.iter().map(|b| decrypt_batch(key(), b).unwrap()).collect();
+    let want = plain
+        .sql(&aggregation_sql("population", over, "SUM").unwrap())
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let want: Vec<Vec<Option<i128>>> = values(&want, 2)
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v.map(|v| v * factor)).collect())
+        .collect();
+    assert!(!want.is_empty());
+    assert_eq!(values(&got, 2), want, "aggregation over {over}");
+}
+
+fn code(e: &HedfError) -> String {
+    match e {
+        HedfError::Remote { code, .. } => code.clone(),
+        HedfError::NoSuchTable(_) => "NotFound".into(),
+        HedfError::Unauthenticated(_) => "Unauthenticated".into(),
+        other => format!("local: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_demo_replays_over_flight_sql() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let mut out = Vec::new();
+    hedf::demo::run_remote(&server.url, Some(ALICE), &mut out)
+        .await
+        .unwrap();
+    let out = String::from_utf8(out).unwrap();
+    let seed = include_str!("fixtures/seed_readme.txt");
+    let number = |s: &str| -> Vec<String> {
+        s.split_whitespace()
+            .filter(|w| w.contains('.') && w.parse::<f64>().is_ok())
+            .map(String::from)
+            .collect()
+    };
+    let start = seed.find("aggregate by area and decrypt:").unwrap();
+    let end = seed.find("aggregate with invalid param:").unwrap();
+    let want: Vec<Vec<String>> = seed[start..end]
+        .lines()
+        .map(number)
+        .filter(|v| v.len() == 5)
+        .collect();
+    assert_eq!(want.len(), 56);
+    let lines: Vec<Vec<String>> = out.lines().map(number).collect();
+    for row in &want {
+        assert!(
+            lines.iter().any(|l| l.windows(5).any(|w| w == row.as_slice())),
+            "seed row {row:?} missing from:\n{out}"
+        );
+    }
+    assert!(out.contains("152 rows"), "{out}");
+    assert_eq!(out.matches("no such table: population").count(), 2, "{out}");
+    assert!(out.contains("No field named \"INVALID\""), "{out}");
+    assert!(out.contains("\"AGE GROUP\""), "{out}");
+    assert_eq!(out.matches("verified: all").count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queries_downloads_and_prepared_statements_are_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let (schema, enc, plain) = encrypted_population();
+    let mut alice = server.connect(ALICE).await;
+    assert_eq!(upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc).await.unwrap(), 152);
+    for over in ["AREA", "AGE GROUP", "SEX"] {
+        assert_exact(&mut alice, &plain, over, 1).await;
+    }
+
+    // SELECT * streams the stored ciphertexts back; they decrypt to the uploaded values.
+    let order = "ORDER BY \"AREA\", \"AGE GROUP\", \"SEX\"";
+    let (_, cells) = alice.query(&format!("SELECT * FROM population {order}")).await.unwrap();
+    let got: Vec<RecordBatch> = cells.iter().map(|b| decrypt_batch(key(), b).unwrap()).collect();
+    let want = plain
+        .sql(&format!("SELECT * FROM population {order}"))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(values(&got, 3), values(&want, 3));
+
+    // The prepared-statement route (what ADBC drivers use).
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = FlightSqlServiceClient::new(channel);
+    client.handshake(ALICE.0, ALICE.1).await.unwrap();
+    let sql = aggregation_sql("population", "AGE GROUP", "he_sum").unwrap();
+    let mut prepared = client.prepare(sql.clone(), None).await.unwrap();
+    let sums_schema = prepared.dataset_schema().unwrap().clone();
+    assert_eq!(sums_schema.fields().len(), 2 + YEARS.len());
+    let info = prepared.execute().await.unwrap();
+    let mut batches = Vec::new();
+    for endpoint in info.endpoint {
+        let stream = client.do_get(endpoint.ticket.unwrap()).await.unwrap();
+        batches.extend(stream.try_collect::<Vec<_>>().await.unwrap());
+    }
+    prepared.close().await.unwrap();
+    let got: Vec<RecordBatch> = batches.iter().map(|b| decrypt_batch(key(), b).unwrap()).collect();
+    let (_, direct) = alice.query(&sql).await.unwrap();
+    let direct: Vec<RecordBatch> = direct.iter().map(|b| decrypt_batch(key(), b).unwrap()).collect();
+    assert_eq!(values(&got, 2), values(&direct, 2));
+    assert_eq!(values(&got, 2).len(), 8);
+
+    // Listing: the table with its encrypted schema.
+    let tables = alice.tables().await.unwrap();
+    assert_eq!(tables.len(), 1);
+    assert_eq!(tables[0].0, "population");
+    assert_eq!(tables[0].1.fields().len(), 8);
+    assert_eq!(tables[0].1.field(3).metadata().get("hedf.kind").map(String::as_str), Some("cell"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--max-upload-bytes", "200000"]);
+    let (schema, enc, plain) = encrypted_population();
+    let mut alice = server.connect(ALICE).await;
+    let mut bob = server.connect(BOB).await;
+    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc).await.unwrap();
+
+    let e = alice.query("SELECT * FROM nowhere").await.unwrap_err();
+    assert_eq!(code(&e), "NotFound", "{e}");
+    let e = alice.query("SELEKT 1").await.unwrap_err();
+    assert_eq!(code(&e), "InvalidArgument", "{e}");
+    let e = alice.query("SELECT \"2018\" + 1 FROM population").await.unwrap_err();
+    assert_eq!(code(&e), "InvalidArgument", "{e}");
+    let e = alice.query("CREATE TABLE t AS SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e), "InvalidArgument", "{e}");
+    let e = upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc).await.unwrap_err();
+    assert_eq!(code(&e), "AlreadyExists", "{e}");
+
+    // Authentication.
+    let e = Remote::connect(&server.url, Some(("alice", "wrong"))).await.err().unwrap();
+    assert_eq!(code(&e), "Unauthenticated", "{e}");
+    let e = Remote::connect(&server.url, Some(("mallory", "x"))).await.err().unwrap();
+    assert_eq!(code(&e), "Unauthenticated", "{e}");
+    let mut anonymous = Remote::connect(&server.url, None).await.unwrap();
+    let e = anonymous.query("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e), "Unauthenticated", "{e}");
+
+    // Bob cannot see, read, append to or drop Alice's table.
+    assert!(bob.tables().await.unwrap().is_empty());
+    let e = bob.query("SELECT COUNT(*) FROM population").await.unwrap_err();
+    assert_eq!(code(&e), "NotFound", "{e}");
+    let e = bob.query("SELECT COUNT(*) FROM hedf.alice.population").await.unwrap_err();
+    assert_eq!(code(&e), "NotFound", "{e}");
+    let e = bob.execute("DROP TABLE population").await.unwrap_err();
+    assert_eq!(code(&e), "NotFound", "{e}");
+    let e = upload(&mut bob, "population", IngestMode::APPEND, &schema, &enc).await.unwrap_err();
+    assert_eq!(code(&e), "NotFound", "{e}");
+
+    // Bad uploads: unmarked ciphertext, a secret key in a column, another key, too large.
+    let unmarked = Arc::new(Schema::new(
+        schema.fields().iter().map(|f| Field::new(f.name(), f.data_type().clone(), true)).collect::<Vec<_>>(),
+    ));
+    let stripped: Vec<RecordBatch> = enc
+        .iter()
+        .map(|b| RecordBatch::try_new(unmarked.clone(), b.columns().to_vec()).unwrap())
+        .collect();
+    let e = upload(&mut alice, "t2", IngestMode::CREATE, &unmarked, &stripped).await.unwrap_err();
+    assert_eq!(code(&e), "InvalidArgument", "{e}");
+    let key_bytes = key().to_bytes();
+    let leaked = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![Field::new("note", DataType::Binary, false)])),
+        vec![Arc::new(arrow::array::BinaryArray::from(vec![key_bytes.as_slice()]))],
+    )
+    .unwrap();
+    let e = upload(&mut alice, "t3", IngestMode::CREATE, &leaked.schema(), &[leaked.clone()]).await.unwrap_err();
+    assert_eq!(code(&e), "InvalidArgument", "{e}");
+    assert!(e.to_string().contains("secret key"), "{e}");
+    let other_key = ClientKey::generate();
+    let (_, plain_batches) = population().unwrap();
+    let (other_schema, other) = encrypt_batches(&other_key, &plain_batches, &measures()).unwrap();
+    let e = upload(&mut alice, "population", IngestMode::APPEND, &other_schema, &other).await.unwrap_err();
+    assert_eq!(code(&e), "InvalidArgument", "{e}");
+    let big: Vec<RecordBatch> = (0..40).flat_map(|_| enc.clone()).collect();
+    let e = upload(&mut alice, "population", IngestMode::REPLACE, &schema, &big).await.unwrap_err();
+    assert_eq!(code(&e), "ResourceExhausted", "{e}");
+
+    // Unsupported RPCs say so, so clients can fall back.
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    let mut client = FlightSqlServiceClient::new(channel);
+    client.handshake(ALICE.0, ALICE.1).await.unwrap();
+    let e = client
+        .get_primary_keys(CommandGetPrimaryKeys { table: "population".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    match e {
+        FlightError::Tonic(status) => assert_eq!(status.code(), tonic::Code::Unimplemented),
+        other => panic!("{other}"),
+    }
+
+    // After all that, Alice's table is intact and exact; no leftovers on disk.
+    assert_exact(&mut alice, &plain, "SEX", 1).await;
+    let tenant = dir.path().join("tenants/alice");
+    let files: Vec<String> = std::fs::read_dir(&tenant)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files.iter().filter(|f| f.ends_with(".parquet")).count(), 1, "{files:?}");
+    assert!(!files.iter().any(|f| f.ends_with(".tmp")), "{files:?}");
+    for file in &files {
+        let bytes = std::fs::read(tenant.join(file)).unwrap();
+        assert!(!hedf::keys::is_key_material(&bytes), "{file} holds key material");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn append_replace_interrupted_upload_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]);
+    let (schema, enc, plain) = encrypted_population();
+    let mut alice = server.connect(ALICE).await;
+    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc).await.unwrap();
+    assert_eq!(upload(&mut alice, "population", IngestMode::APPEND, &schema, &enc).await.unwrap(), 152);
+    assert_exact(&mut alice, &plain, "AREA", 2).await;
+
+    // An upload whose source fails midway is aborted; the table keeps its two copies.
+    let failing = futures::stream::iter(vec![
+        Ok(enc[0].clone()),
+        Err(HedfError::Invalid("source broke".into())),
+    ]);
+    let e = alice
+        .upload("population", IngestMode::APPEND, schema.clone(), failing)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("source broke"), "{e}");
+    assert_exact(&mut alice, &plain, "AREA", 2).await;
+
+    assert_eq!(upload(&mut alice, "population", IngestMode::REPLACE, &schema, &enc).await.unwrap(), 152);
+    assert_exact(&mut alice, &plain, "AGE GROUP", 1).await;
+
+    // Stored parts (what `hedf encrypt` writes) upload as well as cells.
+    let stored = dir.path().join("population.parquet");
+    let input = dir.path().join("population.csv");
+    std::fs::write(&input, hedf::demo::POPULATION_CSV).unwrap();
+    hedf::ingest::encrypt_to_parquet(key(), &input, &measures(), &stored).unwrap();
+    let (stored_schema, batches) = hedf::ingest::read_encrypted(&stored).unwrap();
+    let rows = alice
+        .upload("population", IngestMode::APPEND, stored_schema, futures::stream::iter(batches.collect::<Vec<_>>()))
+        .await
+        .unwrap();
+    assert_eq!(rows, 152);
+    assert_exact(&mut alice, &plain, "SEX", 2).await;
+
+    server.kill();
+    let server = Server::start(dir.path(), &[]);
+    let mut alice = server.connect(ALICE).await;
+    assert_exact(&mut alice, &plain, "AREA", 2).await;
+    alice.execute("DROP TABLE population").await.unwrap();
+    assert!(alice.tables().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_during_a_large_ingest_leaves_the_old_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]);
+    let (schema, enc, plain) = encrypted_population();
+    let mut alice = server.connect(ALICE).await;
+    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc).await.unwrap();
+
+    // An endless upload replacing the table; the server dies while it streams.
+    let endless = futures::stream::iter(std::iter::repeat(enc[0].clone()).map(Ok));
+    let url = server.url.clone();
+    let uploading = tokio::spawn(async move {
+        let mut remote = Remote::connect(&url, Some(ALICE)).await.unwrap();
+        remote.upload("population", IngestMode::REPLACE, schema, endless).await
+    });
+    let tenant = dir.path().join("tenants/alice");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let partial: u64 = std::fs::read_dir(&tenant)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum();
+        if partial > 4 << 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "upload never got going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.kill(); // SIGKILL
+    assert!(uploading.await.unwrap().is_err());
+
+    let server = Server::start(dir.path(), &[]);
+    let mut alice = server.connect(ALICE).await;
+    assert_exact(&mut alice, &plain, "AREA", 1).await;
+    let leftovers: Vec<_> = std::fs::read_dir(&tenant)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_readers_and_two_writers_at_once_all_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let (schema, enc, plain) = encrypted_population();
+    let mut alice = server.connect(ALICE).await;
+    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc).await.unwrap();
+    let plain = Arc::new(plain);
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (url, plain) = (server.url.clone(), plain.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut remote = Remote::connect(&url, Some(ALICE)).await.unwrap();
+            let mut n = 0;
+            while Instant::now() < until {
+                assert_exact(&mut remote, &plain, ["AREA", "AGE GROUP", "SEX"][i % 3], 1).await;
+                n += 1;
+            }
+            n
+        }));
+    }
+    for _ in 0..2 {
+        let (url, schema, enc) = (server.url.clone(), schema.clone(), enc.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut remote = Remote::connect(&url, Some(ALICE)).await.unwrap();
+            let mut n = 0;
+            while Instant::now() < until {
+                // Replacing with the same rows: readers must always see one whole copy.
+                let rows = upload(&mut remote, "population", IngestMode::REPLACE, &schema, &enc).await.unwrap();
+                assert_eq!(rows, 152);
+                n += 1;
+            }
+            n
+        }));
+    }
+    for task in tasks {
+        assert!(task.await.unwrap() > 0);
+    }
+    let names: Vec<String> = std::fs::read_dir(dir.path().join("tenants/alice"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".parquet"))
+        .collect();
+    assert_eq!(names.len(), 1, "retired segments were not deleted: {names:?}");
+}

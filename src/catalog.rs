@@ -125,6 +125,10 @@ impl TableVersion {
         self.table.clone()
     }
 
+    pub fn rows(&self) -> u64 {
+        self.table.rows()
+    }
+
     /// The schema queries see: plaintext columns and ciphertext cells with their metadata.
     pub fn schema(&self) -> SchemaRef {
         self.table.schema()

@@ -11,6 +11,9 @@
 //!   key; [`guard`] refuses plans that would compare or compute on ciphertext; [`session`]
 //!   builds a `SessionContext` with both; [`ingest`] encrypts CSV/Parquet files into tables.
 //!   [`demo`] replays the original prototype's demo.
+//! * Server (feature `engine`): [`catalog`] keeps each tenant's tables as immutable Parquet
+//!   segments under an atomically replaced manifest; [`flight`] serves them over Arrow Flight
+//!   SQL with authentication; [`remote`] is the matching client (upload, query, list).
 //!
 //! The scheme is additive GLWE from `tfhe::core_crypto`: a chunk of N = 4096 values of a column
 //! is one seeded GLWE ciphertext; a row's cell is the LWE sample extracted at its slot, stored

@@ -142,13 +142,17 @@ enum Format {
 }
 
 impl ServerArgs {
+    /// User and password, if a user was given.
+    fn login(&self) -> hedf::Result<Option<(String, String)>> {
+        self.user
+            .as_ref()
+            .map(|user| Ok((user.clone(), password()?)))
+            .transpose()
+    }
+
     async fn connect(&self) -> hedf::Result<Remote> {
-        let password = match &self.user {
-            Some(_) => Some(password()?),
-            None => None,
-        };
-        let login = self.user.as_deref().zip(password.as_deref());
-        Remote::connect(&self.url, login).await
+        let login = self.login()?;
+        Remote::connect(&self.url, login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))).await
     }
 }
 
@@ -315,11 +319,8 @@ async fn run(cli: Cli) -> hedf::Result<()> {
         Command::Client {
             command: ClientCommand::Demo { server },
         } => {
-            let password = match &server.user {
-                Some(_) => Some(password()?),
-                None => None,
-            };
-            let login = server.user.as_deref().zip(password.as_deref());
+            let login = server.login()?;
+            let login = login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
             hedf::demo::run_remote(&server.url, login, &mut std::io::stdout().lock()).await
         }
         Command::HashPassword => {

@@ -22,7 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::catalog::{IfExists, IngestMode};
 use crate::error::{HedfError, Result};
-use crate::flight::ABORT_UPLOAD;
+use crate::flight::{ABORT_UPLOAD, WINDOW_BYTES};
 
 /// Largest message the client accepts; results carry 32 KiB per encrypted sum.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -40,6 +40,8 @@ impl Remote {
             .map_err(|e| HedfError::Invalid(format!("bad server URL {url:?}: {e}")))?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
+            .initial_stream_window_size(Some(WINDOW_BYTES))
+            .initial_connection_window_size(Some(2 * WINDOW_BYTES))
             .connect()
             .await
             .map_err(|e| HedfError::Remote {

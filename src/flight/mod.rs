@@ -60,6 +60,10 @@ pub const ABORT_UPLOAD: &[u8] = b"hedf.abort-upload";
 const ANONYMOUS: &str = "anonymous";
 /// Largest single gRPC message accepted or sent (uploads arrive as many such messages).
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Queries reading fewer rows than this run in one partition.
+const PARALLEL_ROWS: u64 = 1 << 17;
+/// HTTP/2 flow-control window per stream (the connection gets twice this).
+pub const WINDOW_BYTES: u32 = 16 << 20;
 /// Result batches are cut into Flight messages of about this size.
 const FLIGHT_DATA_BYTES: usize = 4 << 20;
 
@@ -165,12 +169,26 @@ impl HedfFlightService {
                     .into(),
             ));
         }
+        let mut rows = 0;
         for reference in state.resolve_table_references(&statement)? {
             let name = own_table(&reference)?;
-            if !tables.contains_key(&name) {
-                return Err(HedfError::NoSuchTable(name));
-            }
+            rows += tables
+                .get(&name)
+                .ok_or(HedfError::NoSuchTable(name))?
+                .rows();
         }
+        if rows < PARALLEL_ROWS {
+            // Small inputs: one partition. Spreading them would only move 32 KiB-per-group
+            // partial sums between partitions (measured: 51 -> 33 ms for the seed's largest
+            // aggregation).
+            ctx.state_ref()
+                .write()
+                .config_mut()
+                .options_mut()
+                .execution
+                .target_partitions = 1;
+        }
+        let state = ctx.state();
         let plan = state.statement_to_plan(statement).await?;
         Ok(Planned::Query { ctx, plan, tables })
     }
@@ -341,7 +359,11 @@ pub async fn serve(
     let server = FlightServiceServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Results carry 32 KiB per encrypted sum: HTTP/2's default 64 KiB windows would stall
+    // every large answer on flow-control round trips.
     tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(WINDOW_BYTES))
+        .initial_connection_window_size(Some(2 * WINDOW_BYTES))
         .add_service(server)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await

@@ -36,6 +36,7 @@ pub use storage::{SegmentWriter, UploadFormat};
 pub struct EncryptedTable {
     layout: Arc<StorageLayout>,
     files: ListingTable,
+    rows: u64,
 }
 
 impl EncryptedTable {
@@ -88,6 +89,11 @@ impl EncryptedTable {
         let stored = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(first)?)?
             .schema()
             .clone();
+        let mut rows = 0u64;
+        for file in files {
+            let footer = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file)?)?;
+            rows += footer.metadata().file_metadata().num_rows() as u64;
+        }
         let layout = Arc::new(StorageLayout::from_storage(&stored)?);
         let urls = files
             .iter()
@@ -101,7 +107,13 @@ impl EncryptedTable {
         Ok(EncryptedTable {
             files: ListingTable::try_new(config)?,
             layout,
+            rows,
         })
+    }
+
+    /// Rows in all of the table's files.
+    pub fn rows(&self) -> u64 {
+        self.rows
     }
 
     /// The layout of this table's stored parts.

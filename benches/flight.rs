@@ -106,12 +106,24 @@ async fn main() {
     let (schema, enc) = encrypt_batches(&key, &plain, &measures).unwrap();
     let batches: Vec<hedf::Result<RecordBatch>> = enc.iter().cloned().map(Ok).collect();
     remote
-        .upload("population", IngestMode::CREATE, schema, futures::stream::iter(batches))
+        .upload(
+            "population",
+            IngestMode::CREATE,
+            schema,
+            futures::stream::iter(batches),
+        )
         .await
         .unwrap();
     println!("Flight SQL over loopback, {RUNS} runs each, medians (2-core machine)");
-    println!("{:<34} {:>12} {:>14} {:>12}", "seed aggregation", "round trip", "+ decrypt", "result IPC");
-    for (title, over) in [("by area (38 groups)", "AREA"), ("by age (8 groups)", "AGE GROUP"), ("by sex (76 groups)", "SEX")] {
+    println!(
+        "{:<34} {:>12} {:>14} {:>12}",
+        "seed aggregation", "round trip", "+ decrypt", "result IPC"
+    );
+    for (title, over) in [
+        ("by area (38 groups)", "AREA"),
+        ("by age (8 groups)", "AGE GROUP"),
+        ("by sex (76 groups)", "SEX"),
+    ] {
         let sql = aggregation_sql("population", over, "he_sum").unwrap();
         let (mut trip, mut full) = (Vec::new(), Vec::new());
         let mut size = 0;
@@ -125,7 +137,15 @@ async fn main() {
             full.push(t.elapsed());
             size = ipc_bytes(&schema, &result, false);
         }
-        let values = size as f64 / (YEARS.len() * if over == "SEX" { 76 } else if over == "AREA" { 38 } else { 8 }) as f64;
+        let values = size as f64
+            / (YEARS.len()
+                * if over == "SEX" {
+                    76
+                } else if over == "AREA" {
+                    38
+                } else {
+                    8
+                }) as f64;
         println!(
             "{title:<34} {:>9.2} ms {:>11.2} ms {:>7.2} MB ({:.0} B/value)",
             median(trip).as_secs_f64() * 1e3,
@@ -147,7 +167,12 @@ async fn main() {
         let batches: Vec<hedf::Result<RecordBatch>> = enc.iter().cloned().map(Ok).collect();
         let t = Instant::now();
         let n = remote
-            .upload(&format!("t{run}"), IngestMode::CREATE, schema.clone(), futures::stream::iter(batches))
+            .upload(
+                &format!("t{run}"),
+                IngestMode::CREATE,
+                schema.clone(),
+                futures::stream::iter(batches),
+            )
             .await
             .unwrap();
         times.push(t.elapsed());
@@ -162,8 +187,24 @@ async fn main() {
         .sum();
     println!();
     println!("ingest of {rows} rows x 5 encrypted measures (client encryption took {:.2} s, not included)", encrypt.as_secs_f64());
-    println!("  upload (median of 3): {:.3} s, {:.2} M rows/s", time, rows as f64 / time / 1e6);
-    println!("  encrypted cells as Arrow IPC: {:.1} MB -> {:.0} MB/s", raw as f64 / 1e6, raw as f64 / time / 1e6);
-    println!("  on the wire (cells, LZ4 IPC): {:.1} MB -> {:.0} MB/s", wire as f64 / 1e6, wire as f64 / time / 1e6);
-    println!("  stored Parquet: {:.1} MB ({:.2} B/value)", stored as f64 / 1e6, stored as f64 / (rows * 5) as f64);
+    println!(
+        "  upload (median of 3): {:.3} s, {:.2} M rows/s",
+        time,
+        rows as f64 / time / 1e6
+    );
+    println!(
+        "  encrypted cells as Arrow IPC: {:.1} MB -> {:.0} MB/s",
+        raw as f64 / 1e6,
+        raw as f64 / time / 1e6
+    );
+    println!(
+        "  on the wire (cells, LZ4 IPC): {:.1} MB -> {:.0} MB/s",
+        wire as f64 / 1e6,
+        wire as f64 / time / 1e6
+    );
+    println!(
+        "  stored Parquet: {:.1} MB ({:.2} B/value)",
+        stored as f64 / 1e6,
+        stored as f64 / (rows * 5) as f64
+    );
 }

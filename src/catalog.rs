@@ -229,7 +229,9 @@ impl Tenant {
         if let (Some(current), IfExists::Append) = (&current, mode.if_exists) {
             current.table.layout().check_compatible(&layout)?;
         }
-        let path = self.dir.join(format!("{name}-{:016x}.parquet", random_u64()?));
+        let path = self
+            .dir
+            .join(format!("{name}-{:016x}.parquet", random_u64()?));
         let writer = SegmentWriter::create(&path, Arc::new(layout), format)?;
         Ok(Upload {
             tenant: self.clone(),

@@ -263,7 +263,10 @@ pub async fn run_remote(
     let mut server = Remote::connect(url, login).await?;
 
     writeln!(out, "get before dataset has been uploaded:")?;
-    match server.query(&aggregation_sql(TABLE, "AREA", "he_sum")?).await {
+    match server
+        .query(&aggregation_sql(TABLE, "AREA", "he_sum")?)
+        .await
+    {
         Ok(_) => {
             return Err(HedfError::Invalid(format!(
                 "table {TABLE} already exists on the server; drop it before running the demo"
@@ -287,7 +290,9 @@ pub async fn run_remote(
 
     for (title, over) in [("area", "AREA"), ("age", "AGE GROUP"), ("sex", "SEX")] {
         writeln!(out, "aggregate by {title} and decrypt:")?;
-        let (_, results) = server.query(&aggregation_sql(TABLE, over, "he_sum")?).await?;
+        let (_, results) = server
+            .query(&aggregation_sql(TABLE, over, "he_sum")?)
+            .await?;
         let decrypted = results
             .iter()
             .map(|b| decrypt_batch(&key, b))
@@ -303,9 +308,7 @@ pub async fn run_remote(
     }
 
     writeln!(out, "aggregate with invalid param:")?;
-    let invalid = format!(
-        "SELECT \"INVALID\", he_sum(\"2018\") FROM {TABLE} GROUP BY \"INVALID\""
-    );
+    let invalid = format!("SELECT \"INVALID\", he_sum(\"2018\") FROM {TABLE} GROUP BY \"INVALID\"");
     match server.query(&invalid).await {
         Ok(_) => {
             return Err(HedfError::Invalid(

@@ -152,7 +152,11 @@ impl ServerArgs {
 
     async fn connect(&self) -> hedf::Result<Remote> {
         let login = self.login()?;
-        Remote::connect(&self.url, login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))).await
+        Remote::connect(
+            &self.url,
+            login.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+        )
+        .await
     }
 }
 
@@ -214,7 +218,11 @@ async fn run(cli: Cli) -> hedf::Result<()> {
                 .map(|m| MeasureColumn::new(m.trim(), scale))
                 .collect();
             let rows = hedf::ingest::encrypt_to_parquet(&key, &input, &measures, &out)?;
-            eprintln!("encrypted {rows} rows into {} (key id {})", out.display(), key.id());
+            eprintln!(
+                "encrypted {rows} rows into {} (key id {})",
+                out.display(),
+                key.id()
+            );
             Ok(())
         }
         Command::Upload {
@@ -244,9 +252,11 @@ async fn run(cli: Cli) -> hedf::Result<()> {
                 .collect::<hedf::Result<Vec<_>>>()?;
             let mut stdout = std::io::stdout().lock();
             match format {
-                Format::Table => {
-                    writeln!(stdout, "{}", arrow::util::pretty::pretty_format_batches(&decrypted)?)?
-                }
+                Format::Table => writeln!(
+                    stdout,
+                    "{}",
+                    arrow::util::pretty::pretty_format_batches(&decrypted)?
+                )?,
                 Format::Csv => {
                     let mut writer = arrow::csv::Writer::new(&mut stdout);
                     for batch in &decrypted {
@@ -309,7 +319,10 @@ async fn run(cli: Cli) -> hedf::Result<()> {
                 config,
                 listen,
                 |addr| {
-                    println!("hedf serve: listening on {addr}, data in {}", data_dir.display());
+                    println!(
+                        "hedf serve: listening on {addr}, data in {}",
+                        data_dir.display()
+                    );
                     let _ = std::io::stdout().flush();
                 },
                 shutdown,
@@ -326,7 +339,10 @@ async fn run(cli: Cli) -> hedf::Result<()> {
         Command::HashPassword => {
             let mut password = String::new();
             std::io::stdin().read_to_string(&mut password)?;
-            println!("{}", hash_password(password.trim_end_matches(['\r', '\n']))?);
+            println!(
+                "{}",
+                hash_password(password.trim_end_matches(['\r', '\n']))?
+            );
             Ok(())
         }
     }

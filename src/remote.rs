@@ -10,11 +10,11 @@ use arrow::record_batch::RecordBatch;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::client::FlightSqlServiceClient;
-use arrow_flight::sql::{
-    TableExistsOption, TableNotExistOption,
-};
 use arrow_flight::sql::TableDefinitionOptions;
-use arrow_flight::sql::{CommandGetTables, CommandStatementIngest, DoPutUpdateResult, ProstMessageExt};
+use arrow_flight::sql::{
+    CommandGetTables, CommandStatementIngest, DoPutUpdateResult, ProstMessageExt,
+};
+use arrow_flight::sql::{TableExistsOption, TableNotExistOption};
 use arrow_flight::{FlightData, FlightDescriptor, FlightInfo, HandshakeRequest};
 use futures::{SinkExt, Stream, StreamExt, TryStreamExt};
 use prost::Message;
@@ -55,7 +55,8 @@ impl Remote {
         if let Some((user, password)) = login {
             // Called directly rather than through `FlightSqlServiceClient::handshake`, which
             // turns a refusal into a generic error and loses its status code.
-            let mut request = tonic::Request::new(futures::stream::iter([HandshakeRequest::default()]));
+            let mut request =
+                tonic::Request::new(futures::stream::iter([HandshakeRequest::default()]));
             let basic = base64::Engine::encode(
                 &base64::engine::general_purpose::STANDARD,
                 format!("{user}:{password}"),
@@ -115,7 +116,13 @@ impl Remote {
     /// Uploads encrypted batches (engine cells or stored parts) with Flight SQL bulk ingest;
     /// returns the row count the server committed. If `batches` fails midway, the call is
     /// aborted so the server discards the partial upload.
-    pub async fn upload<S>(&mut self, table: &str, mode: IngestMode, schema: SchemaRef, batches: S) -> Result<i64>
+    pub async fn upload<S>(
+        &mut self,
+        table: &str,
+        mode: IngestMode,
+        schema: SchemaRef,
+        batches: S,
+    ) -> Result<i64>
     where
         S: Stream<Item = Result<RecordBatch>> + Send + 'static,
     {
@@ -127,7 +134,8 @@ impl Remote {
         let descriptor = FlightDescriptor::new_cmd(command.as_any().encode_to_vec());
         // LZ4 shrinks the row and seed columns to almost nothing; ciphertext bodies do not
         // compress and go raw (Arrow IPC keeps a buffer uncompressed when that is smaller).
-        let options = IpcWriteOptions::default().try_with_compression(Some(CompressionType::LZ4_FRAME))?;
+        let options =
+            IpcWriteOptions::default().try_with_compression(Some(CompressionType::LZ4_FRAME))?;
         let mut encoded = FlightDataEncoderBuilder::new()
             .with_options(options)
             .with_schema(schema)
@@ -191,7 +199,9 @@ impl Remote {
                 .as_binary::<i32>()
                 .clone();
             for (name, schema) in names.iter().zip(schemas.iter()) {
-                let (Some(name), Some(schema)) = (name, schema) else { continue };
+                let (Some(name), Some(schema)) = (name, schema) else {
+                    continue;
+                };
                 let schema = arrow::ipc::convert::try_schema_from_ipc_buffer(schema)?;
                 tables.push((name.to_string(), std::sync::Arc::new(schema)));
             }

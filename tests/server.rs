@@ -96,7 +96,13 @@ fn encrypted_population() -> (SchemaRef, Vec<RecordBatch>, SessionContext) {
     (enc_schema, enc, ctx)
 }
 
-async fn upload(remote: &mut Remote, table: &str, mode: IngestMode, schema: &SchemaRef, batches: &[RecordBatch]) -> hedf::Result<i64> {
+async fn upload(
+    remote: &mut Remote,
+    table: &str,
+    mode: IngestMode,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> hedf::Result<i64> {
     let batches: Vec<hedf::Result<RecordBatch>> = batches.iter().cloned().map(Ok).collect();
     remote
         .upload(table, mode, schema.clone(), futures::stream::iter(batches))
@@ -126,7 +132,10 @@ async fn assert_exact(remote: &mut Remote, plain: &SessionContext, over: &str, f
         .query(&aggregation_sql("population", over, "he_sum").unwrap())
         .await
         .unwrap();
-    let got: Vec<RecordBatch> = got.iter().map(|b| decrypt_batch(key(), b).unwrap()).collect();
+    let got: Vec<RecordBatch> = got
+        .iter()
+        .map(|b| decrypt_batch(key(), b).unwrap())
+        .collect();
     let want = plain
         .sql(&aggregation_sql("population", over, "SUM").unwrap())
         .await
@@ -178,7 +187,9 @@ async fn seed_demo_replays_over_flight_sql() {
     let lines: Vec<Vec<String>> = out.lines().map(number).collect();
     for row in &want {
         assert!(
-            lines.iter().any(|l| l.windows(5).any(|w| w == row.as_slice())),
+            lines
+                .iter()
+                .any(|l| l.windows(5).any(|w| w == row.as_slice())),
             "seed row {row:?} missing from:\n{out}"
         );
     }
@@ -195,15 +206,26 @@ async fn queries_downloads_and_prepared_statements_are_exact() {
     let server = Server::start(dir.path(), &[]);
     let (schema, enc, plain) = encrypted_population();
     let mut alice = server.connect(ALICE).await;
-    assert_eq!(upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc).await.unwrap(), 152);
+    assert_eq!(
+        upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc)
+            .await
+            .unwrap(),
+        152
+    );
     for over in ["AREA", "AGE GROUP", "SEX"] {
         assert_exact(&mut alice, &plain, over, 1).await;
     }
 
     // SELECT * streams the stored ciphertexts back; they decrypt to the uploaded values.
     let order = "ORDER BY \"AREA\", \"AGE GROUP\", \"SEX\"";
-    let (_, cells) = alice.query(&format!("SELECT * FROM population {order}")).await.unwrap();
-    let got: Vec<RecordBatch> = cells.iter().map(|b| decrypt_batch(key(), b).unwrap()).collect();
+    let (_, cells) = alice
+        .query(&format!("SELECT * FROM population {order}"))
+        .await
+        .unwrap();
+    let got: Vec<RecordBatch> = cells
+        .iter()
+        .map(|b| decrypt_batch(key(), b).unwrap())
+        .collect();
     let want = plain
         .sql(&format!("SELECT * FROM population {order}"))
         .await
@@ -232,9 +254,15 @@ async fn queries_downloads_and_prepared_statements_are_exact() {
         batches.extend(stream.try_collect::<Vec<_>>().await.unwrap());
     }
     prepared.close().await.unwrap();
-    let got: Vec<RecordBatch> = batches.iter().map(|b| decrypt_batch(key(), b).unwrap()).collect();
+    let got: Vec<RecordBatch> = batches
+        .iter()
+        .map(|b| decrypt_batch(key(), b).unwrap())
+        .collect();
     let (_, direct) = alice.query(&sql).await.unwrap();
-    let direct: Vec<RecordBatch> = direct.iter().map(|b| decrypt_batch(key(), b).unwrap()).collect();
+    let direct: Vec<RecordBatch> = direct
+        .iter()
+        .map(|b| decrypt_batch(key(), b).unwrap())
+        .collect();
     assert_eq!(values(&got, 2), values(&direct, 2));
     assert_eq!(values(&got, 2).len(), 8);
 
@@ -243,7 +271,15 @@ async fn queries_downloads_and_prepared_statements_are_exact() {
     assert_eq!(tables.len(), 1);
     assert_eq!(tables[0].0, "population");
     assert_eq!(tables[0].1.fields().len(), 8);
-    assert_eq!(tables[0].1.field(3).metadata().get("hedf.kind").map(String::as_str), Some("cell"));
+    assert_eq!(
+        tables[0]
+            .1
+            .field(3)
+            .metadata()
+            .get("hedf.kind")
+            .map(String::as_str),
+        Some("cell")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -253,23 +289,36 @@ async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
     let (schema, enc, plain) = encrypted_population();
     let mut alice = server.connect(ALICE).await;
     let mut bob = server.connect(BOB).await;
-    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc).await.unwrap();
+    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc)
+        .await
+        .unwrap();
 
     let e = alice.query("SELECT * FROM nowhere").await.unwrap_err();
     assert_eq!(code(&e), "NotFound", "{e}");
     let e = alice.query("SELEKT 1").await.unwrap_err();
     assert_eq!(code(&e), "InvalidArgument", "{e}");
-    let e = alice.query("SELECT \"2018\" + 1 FROM population").await.unwrap_err();
+    let e = alice
+        .query("SELECT \"2018\" + 1 FROM population")
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "InvalidArgument", "{e}");
     let e = alice.query("CREATE TABLE t AS SELECT 1").await.unwrap_err();
     assert_eq!(code(&e), "InvalidArgument", "{e}");
-    let e = upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc).await.unwrap_err();
+    let e = upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc)
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "AlreadyExists", "{e}");
 
     // Authentication.
-    let e = Remote::connect(&server.url, Some(("alice", "wrong"))).await.err().unwrap();
+    let e = Remote::connect(&server.url, Some(("alice", "wrong")))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(code(&e), "Unauthenticated", "{e}");
-    let e = Remote::connect(&server.url, Some(("mallory", "x"))).await.err().unwrap();
+    let e = Remote::connect(&server.url, Some(("mallory", "x")))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(code(&e), "Unauthenticated", "{e}");
     let mut anonymous = Remote::connect(&server.url, None).await.unwrap();
     let e = anonymous.query("SELECT 1").await.unwrap_err();
@@ -277,49 +326,94 @@ async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
 
     // Bob cannot see, read, append to or drop Alice's table.
     assert!(bob.tables().await.unwrap().is_empty());
-    let e = bob.query("SELECT COUNT(*) FROM population").await.unwrap_err();
+    let e = bob
+        .query("SELECT COUNT(*) FROM population")
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "NotFound", "{e}");
-    let e = bob.query("SELECT COUNT(*) FROM hedf.alice.population").await.unwrap_err();
+    let e = bob
+        .query("SELECT COUNT(*) FROM hedf.alice.population")
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "NotFound", "{e}");
     let e = bob.execute("DROP TABLE population").await.unwrap_err();
     assert_eq!(code(&e), "NotFound", "{e}");
-    let e = upload(&mut bob, "population", IngestMode::APPEND, &schema, &enc).await.unwrap_err();
+    let e = upload(&mut bob, "population", IngestMode::APPEND, &schema, &enc)
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "NotFound", "{e}");
 
     // Bad uploads: unmarked ciphertext, a secret key in a column, another key, too large.
     let unmarked = Arc::new(Schema::new(
-        schema.fields().iter().map(|f| Field::new(f.name(), f.data_type().clone(), true)).collect::<Vec<_>>(),
+        schema
+            .fields()
+            .iter()
+            .map(|f| Field::new(f.name(), f.data_type().clone(), true))
+            .collect::<Vec<_>>(),
     ));
     let stripped: Vec<RecordBatch> = enc
         .iter()
         .map(|b| RecordBatch::try_new(unmarked.clone(), b.columns().to_vec()).unwrap())
         .collect();
-    let e = upload(&mut alice, "t2", IngestMode::CREATE, &unmarked, &stripped).await.unwrap_err();
+    let e = upload(&mut alice, "t2", IngestMode::CREATE, &unmarked, &stripped)
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "InvalidArgument", "{e}");
     let key_bytes = key().to_bytes();
     let leaked = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![Field::new("note", DataType::Binary, false)])),
-        vec![Arc::new(arrow::array::BinaryArray::from(vec![key_bytes.as_slice()]))],
+        Arc::new(Schema::new(vec![Field::new(
+            "note",
+            DataType::Binary,
+            false,
+        )])),
+        vec![Arc::new(arrow::array::BinaryArray::from(vec![
+            key_bytes.as_slice()
+        ]))],
     )
     .unwrap();
-    let e = upload(&mut alice, "t3", IngestMode::CREATE, &leaked.schema(), &[leaked.clone()]).await.unwrap_err();
+    let e = upload(
+        &mut alice,
+        "t3",
+        IngestMode::CREATE,
+        &leaked.schema(),
+        &[leaked.clone()],
+    )
+    .await
+    .unwrap_err();
     assert_eq!(code(&e), "InvalidArgument", "{e}");
     assert!(e.to_string().contains("secret key"), "{e}");
     let other_key = ClientKey::generate();
     let (_, plain_batches) = population().unwrap();
     let (other_schema, other) = encrypt_batches(&other_key, &plain_batches, &measures()).unwrap();
-    let e = upload(&mut alice, "population", IngestMode::APPEND, &other_schema, &other).await.unwrap_err();
+    let e = upload(
+        &mut alice,
+        "population",
+        IngestMode::APPEND,
+        &other_schema,
+        &other,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(code(&e), "InvalidArgument", "{e}");
     let big: Vec<RecordBatch> = (0..40).flat_map(|_| enc.clone()).collect();
-    let e = upload(&mut alice, "population", IngestMode::REPLACE, &schema, &big).await.unwrap_err();
+    let e = upload(&mut alice, "population", IngestMode::REPLACE, &schema, &big)
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "ResourceExhausted", "{e}");
 
     // Unsupported RPCs say so, so clients can fall back.
-    let channel = tonic::transport::Endpoint::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut client = FlightSqlServiceClient::new(channel);
     client.handshake(ALICE.0, ALICE.1).await.unwrap();
     let e = client
-        .get_primary_keys(CommandGetPrimaryKeys { table: "population".into(), ..Default::default() })
+        .get_primary_keys(CommandGetPrimaryKeys {
+            table: "population".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     match e {
@@ -334,11 +428,18 @@ async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(files.iter().filter(|f| f.ends_with(".parquet")).count(), 1, "{files:?}");
+    assert_eq!(
+        files.iter().filter(|f| f.ends_with(".parquet")).count(),
+        1,
+        "{files:?}"
+    );
     assert!(!files.iter().any(|f| f.ends_with(".tmp")), "{files:?}");
     for file in &files {
         let bytes = std::fs::read(tenant.join(file)).unwrap();
-        assert!(!hedf::keys::is_key_material(&bytes), "{file} holds key material");
+        assert!(
+            !hedf::keys::is_key_material(&bytes),
+            "{file} holds key material"
+        );
     }
 }
 
@@ -348,8 +449,15 @@ async fn append_replace_interrupted_upload_and_restart() {
     let mut server = Server::start(dir.path(), &[]);
     let (schema, enc, plain) = encrypted_population();
     let mut alice = server.connect(ALICE).await;
-    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc).await.unwrap();
-    assert_eq!(upload(&mut alice, "population", IngestMode::APPEND, &schema, &enc).await.unwrap(), 152);
+    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc)
+        .await
+        .unwrap();
+    assert_eq!(
+        upload(&mut alice, "population", IngestMode::APPEND, &schema, &enc)
+            .await
+            .unwrap(),
+        152
+    );
     assert_exact(&mut alice, &plain, "AREA", 2).await;
 
     // An upload whose source fails midway is aborted; the table keeps its two copies.
@@ -364,7 +472,12 @@ async fn append_replace_interrupted_upload_and_restart() {
     assert!(e.to_string().contains("source broke"), "{e}");
     assert_exact(&mut alice, &plain, "AREA", 2).await;
 
-    assert_eq!(upload(&mut alice, "population", IngestMode::REPLACE, &schema, &enc).await.unwrap(), 152);
+    assert_eq!(
+        upload(&mut alice, "population", IngestMode::REPLACE, &schema, &enc)
+            .await
+            .unwrap(),
+        152
+    );
     assert_exact(&mut alice, &plain, "AGE GROUP", 1).await;
 
     // Stored parts (what `hedf encrypt` writes) upload as well as cells.
@@ -374,7 +487,12 @@ async fn append_replace_interrupted_upload_and_restart() {
     hedf::ingest::encrypt_to_parquet(key(), &input, &measures(), &stored).unwrap();
     let (stored_schema, batches) = hedf::ingest::read_encrypted(&stored).unwrap();
     let rows = alice
-        .upload("population", IngestMode::APPEND, stored_schema, futures::stream::iter(batches.collect::<Vec<_>>()))
+        .upload(
+            "population",
+            IngestMode::APPEND,
+            stored_schema,
+            futures::stream::iter(batches.collect::<Vec<_>>()),
+        )
         .await
         .unwrap();
     assert_eq!(rows, 152);
@@ -394,14 +512,18 @@ async fn kill_9_during_a_large_ingest_leaves_the_old_table() {
     let mut server = Server::start(dir.path(), &[]);
     let (schema, enc, plain) = encrypted_population();
     let mut alice = server.connect(ALICE).await;
-    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc).await.unwrap();
+    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc)
+        .await
+        .unwrap();
 
     // An endless upload replacing the table; the server dies while it streams.
     let endless = futures::stream::iter(std::iter::repeat(enc[0].clone()).map(Ok));
     let url = server.url.clone();
     let uploading = tokio::spawn(async move {
         let mut remote = Remote::connect(&url, Some(ALICE)).await.unwrap();
-        remote.upload("population", IngestMode::REPLACE, schema, endless).await
+        remote
+            .upload("population", IngestMode::REPLACE, schema, endless)
+            .await
     });
     let tenant = dir.path().join("tenants/alice");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -438,7 +560,9 @@ async fn sixteen_readers_and_two_writers_at_once_all_exact() {
     let server = Server::start(dir.path(), &[]);
     let (schema, enc, plain) = encrypted_population();
     let mut alice = server.connect(ALICE).await;
-    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc).await.unwrap();
+    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc)
+        .await
+        .unwrap();
     let plain = Arc::new(plain);
     let until = Instant::now() + Duration::from_secs(4);
     let mut tasks = Vec::new();
@@ -461,7 +585,15 @@ async fn sixteen_readers_and_two_writers_at_once_all_exact() {
             let mut n = 0;
             while Instant::now() < until {
                 // Replacing with the same rows: readers must always see one whole copy.
-                let rows = upload(&mut remote, "population", IngestMode::REPLACE, &schema, &enc).await.unwrap();
+                let rows = upload(
+                    &mut remote,
+                    "population",
+                    IngestMode::REPLACE,
+                    &schema,
+                    &enc,
+                )
+                .await
+                .unwrap();
                 assert_eq!(rows, 152);
                 n += 1;
             }
@@ -476,5 +608,9 @@ async fn sixteen_readers_and_two_writers_at_once_all_exact() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".parquet"))
         .collect();
-    assert_eq!(names.len(), 1, "retired segments were not deleted: {names:?}");
+    assert_eq!(
+        names.len(),
+        1,
+        "retired segments were not deleted: {names:?}"
+    );
 }

@@ -31,7 +31,13 @@ impl Users {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let bad = || HedfError::Invalid(format!("{}:{}: expected name:$argon2id$...", path.display(), i + 1));
+            let bad = || {
+                HedfError::Invalid(format!(
+                    "{}:{}: expected name:$argon2id$...",
+                    path.display(),
+                    i + 1
+                ))
+            };
             let (name, hash) = line.split_once(':').ok_or_else(bad)?;
             PasswordHash::new(hash).map_err(|_| bad())?;
             users.hashes.insert(name.to_string(), hash.to_string());
@@ -41,7 +47,8 @@ impl Users {
 
     /// Adds a user given a plaintext password (hashed at once; the password is not kept).
     pub fn add(&mut self, name: &str, password: &str) -> Result<()> {
-        self.hashes.insert(name.to_string(), hash_password(password)?);
+        self.hashes
+            .insert(name.to_string(), hash_password(password)?);
         Ok(())
     }
 
@@ -63,7 +70,11 @@ impl Users {
             ),
         };
         let ok = PasswordHash::new(hash)
-            .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+            .map(|h| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &h)
+                    .is_ok()
+            })
             .unwrap_or(false);
         ok && known
     }

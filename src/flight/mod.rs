@@ -18,9 +18,6 @@ use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
-use arrow_flight::sql::{
-    TableExistsOption, TableNotExistOption,
-};
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
 use arrow_flight::sql::{
@@ -31,6 +28,7 @@ use arrow_flight::sql::{
     CommandStatementUpdate, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
     SqlSupportedTransaction, TicketStatementQuery,
 };
+use arrow_flight::sql::{TableExistsOption, TableNotExistOption};
 use arrow_flight::{
     Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
     IpcMessage, SchemaAsIpc, Ticket,
@@ -97,7 +95,8 @@ enum Planned {
     },
 }
 
-type FlightDataStream = Pin<Box<dyn Stream<Item = std::result::Result<arrow_flight::FlightData, Status>> + Send>>;
+type FlightDataStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<arrow_flight::FlightData, Status>> + Send>>;
 
 impl HedfFlightService {
     pub fn new(config: ServerConfig) -> Result<Self> {
@@ -228,7 +227,11 @@ impl HedfFlightService {
                 "this statement returns no rows; run it with executeUpdate".into(),
             ));
         };
-        let stream: SendableRecordBatchStream = ctx.execute_logical_plan(plan).await?.execute_stream().await?;
+        let stream: SendableRecordBatchStream = ctx
+            .execute_logical_plan(plan)
+            .await?
+            .execute_stream()
+            .await?;
         let schema = stream.schema();
         // The snapshot travels with the stream: the files it reads stay until it is done.
         let batches = stream.map(move |batch| {
@@ -286,7 +289,8 @@ impl HedfFlightService {
             }
             Ok(message)
         });
-        let mut batches = FlightRecordBatchStream::new_from_flight_data(data.map_err(FlightError::from));
+        let mut batches =
+            FlightRecordBatchStream::new_from_flight_data(data.map_err(FlightError::from));
         let (sender, mut receiver) = tokio::sync::mpsc::channel::<RecordBatch>(2);
         let mut writer = None;
         let start = |schema: SchemaRef| {
@@ -320,9 +324,10 @@ impl HedfFlightService {
         .await;
         drop(sender);
         if writer.is_none() && outcome.is_ok() {
-            let schema = batches.schema().cloned().ok_or_else(|| {
-                HedfError::Invalid("the upload carried no schema".into())
-            })?;
+            let schema = batches
+                .schema()
+                .cloned()
+                .ok_or_else(|| HedfError::Invalid("the upload carried no schema".into()))?;
             writer = Some((start.take().expect("starts once"))(schema)?);
         }
         let Some((task, done)) = writer else {
@@ -365,7 +370,10 @@ pub async fn serve(
         .initial_stream_window_size(Some(WINDOW_BYTES))
         .initial_connection_window_size(Some(2 * WINDOW_BYTES))
         .add_service(server)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
         .map_err(|e| HedfError::Io(std::io::Error::other(e)))
 }
@@ -375,13 +383,21 @@ fn ingest_mode(command: &CommandStatementIngest) -> Result<IngestMode> {
     let create_if_missing = match TableNotExistOption::try_from(options.if_not_exist) {
         Ok(TableNotExistOption::Create) => true,
         Ok(TableNotExistOption::Fail) => false,
-        _ => return Err(HedfError::Invalid("ingest must say what to do if the table is missing".into())),
+        _ => {
+            return Err(HedfError::Invalid(
+                "ingest must say what to do if the table is missing".into(),
+            ))
+        }
     };
     let if_exists = match TableExistsOption::try_from(options.if_exists) {
         Ok(TableExistsOption::Fail) => IfExists::Fail,
         Ok(TableExistsOption::Append) => IfExists::Append,
         Ok(TableExistsOption::Replace) => IfExists::Replace,
-        _ => return Err(HedfError::Invalid("ingest must say what to do if the table exists".into())),
+        _ => {
+            return Err(HedfError::Invalid(
+                "ingest must say what to do if the table exists".into(),
+            ))
+        }
     };
     Ok(IngestMode {
         create_if_missing,
@@ -507,7 +523,11 @@ fn sql_info() -> &'static SqlInfoData {
 }
 
 /// FlightInfo whose ticket is the command itself (metadata calls).
-fn command_info(command: impl ProstMessageExt, schema: &Schema, descriptor: FlightDescriptor) -> Result<FlightInfo> {
+fn command_info(
+    command: impl ProstMessageExt,
+    schema: &Schema,
+    descriptor: FlightDescriptor,
+) -> Result<FlightInfo> {
     let ticket = Ticket::new(command.as_any().encode_to_vec());
     Ok(FlightInfo::new()
         .try_with_schema(schema)?
@@ -516,7 +536,8 @@ fn command_info(command: impl ProstMessageExt, schema: &Schema, descriptor: Flig
 }
 
 fn sql_text(bytes: &[u8]) -> std::result::Result<&str, Status> {
-    std::str::from_utf8(bytes).map_err(|_| Status::invalid_argument("statement handle is not UTF-8 SQL"))
+    std::str::from_utf8(bytes)
+        .map_err(|_| Status::invalid_argument("statement handle is not UTF-8 SQL"))
 }
 
 #[tonic::async_trait]
@@ -527,7 +548,9 @@ impl FlightSqlService for HedfFlightService {
         &self,
         request: Request<Streaming<HandshakeRequest>>,
     ) -> std::result::Result<
-        Response<Pin<Box<dyn Stream<Item = std::result::Result<HandshakeResponse, Status>> + Send>>>,
+        Response<
+            Pin<Box<dyn Stream<Item = std::result::Result<HandshakeResponse, Status>> + Send>>,
+        >,
         Status,
     > {
         let Some(users) = &self.users else {
@@ -684,7 +707,9 @@ impl FlightSqlService for HedfFlightService {
         self.tenant(&request)?;
         let mut builder = query.into_builder();
         builder.append(CATALOG);
-        Ok(Response::new(one_batch(builder.build().map_err(|e| to_status(e.into()))?)))
+        Ok(Response::new(one_batch(
+            builder.build().map_err(|e| to_status(e.into()))?,
+        )))
     }
 
     async fn do_get_schemas(
@@ -695,7 +720,9 @@ impl FlightSqlService for HedfFlightService {
         self.tenant(&request)?;
         let mut builder = query.into_builder();
         builder.append(CATALOG, SCHEMA);
-        Ok(Response::new(one_batch(builder.build().map_err(|e| to_status(e.into()))?)))
+        Ok(Response::new(one_batch(
+            builder.build().map_err(|e| to_status(e.into()))?,
+        )))
     }
 
     async fn do_get_tables(
@@ -716,7 +743,9 @@ impl FlightSqlService for HedfFlightService {
         self.tenant(&request)?;
         let mut builder = query.into_builder();
         builder.append("TABLE");
-        Ok(Response::new(one_batch(builder.build().map_err(|e| to_status(e.into()))?)))
+        Ok(Response::new(one_batch(
+            builder.build().map_err(|e| to_status(e.into()))?,
+        )))
     }
 
     async fn do_get_sql_info(
@@ -738,7 +767,9 @@ impl FlightSqlService for HedfFlightService {
         request: Request<PeekableFlightDataStream>,
     ) -> std::result::Result<i64, Status> {
         let tenant = self.tenant(&request)?;
-        self.update(&tenant, &command.query).await.map_err(to_status)
+        self.update(&tenant, &command.query)
+            .await
+            .map_err(to_status)
     }
 
     async fn do_put_statement_ingest(
@@ -761,7 +792,9 @@ impl FlightSqlService for HedfFlightService {
         let mut stream = request.into_inner();
         while let Some(message) = stream.next().await {
             if !message?.data_body.is_empty() {
-                return Err(Status::invalid_argument("hedf statements take no parameters"));
+                return Err(Status::invalid_argument(
+                    "hedf statements take no parameters",
+                ));
             }
         }
         Ok(DoPutPreparedStatementResult {
@@ -828,4 +861,3 @@ impl FlightSqlService for HedfFlightService {
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
 }
-

@@ -60,11 +60,8 @@ impl EncryptedTable {
                 dir.display()
             )));
         }
-        let mut writer = SegmentWriter::create(
-            &dir.join("part-00000.parquet"),
-            layout,
-            UploadFormat::Cells,
-        )?;
+        let mut writer =
+            SegmentWriter::create(&dir.join("part-00000.parquet"), layout, UploadFormat::Cells)?;
         for batch in batches {
             writer.write(&batch?)?;
         }
@@ -97,7 +94,10 @@ impl EncryptedTable {
         let layout = Arc::new(StorageLayout::from_storage(&stored)?);
         let urls = files
             .iter()
-            .map(|f| ListingTableUrl::parse(f.canonicalize()?.display().to_string()).map_err(HedfError::from))
+            .map(|f| {
+                ListingTableUrl::parse(f.canonicalize()?.display().to_string())
+                    .map_err(HedfError::from)
+            })
             .collect::<Result<Vec<_>>>()?;
         let options =
             ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
@@ -125,7 +125,6 @@ impl EncryptedTable {
     pub fn key_id(&self) -> Option<KeyId> {
         self.layout.key_id
     }
-
 }
 
 fn data_files(dir: &Path) -> Result<impl Iterator<Item = PathBuf>> {

@@ -322,7 +322,8 @@ impl StorageLayout {
                     body, row, seed, ..
                 } => {
                     let (b, r, s) = (batch.column(*body), batch.column(*row), batch.column(*seed));
-                    let orphan = (0..b.len()).any(|i| b.is_valid(i) && (r.is_null(i) || s.is_null(i)));
+                    let orphan =
+                        (0..b.len()).any(|i| b.is_valid(i) && (r.is_null(i) || s.is_null(i)));
                     if orphan {
                         return Err(HedfError::Malformed(format!(
                             "column {:?}: a ciphertext body lacks its row or seed",
@@ -389,9 +390,21 @@ fn describe(layout: &StorageLayout) -> String {
 /// Refuses a plaintext column holding a serialized client key: the server must never store one.
 fn refuse_key_material(name: &str, column: &ArrayRef) -> Result<()> {
     let found = match column.data_type() {
-        DataType::Binary => column.as_binary::<i32>().iter().flatten().any(is_key_material),
-        DataType::LargeBinary => column.as_binary::<i64>().iter().flatten().any(is_key_material),
-        DataType::BinaryView => column.as_binary_view().iter().flatten().any(is_key_material),
+        DataType::Binary => column
+            .as_binary::<i32>()
+            .iter()
+            .flatten()
+            .any(is_key_material),
+        DataType::LargeBinary => column
+            .as_binary::<i64>()
+            .iter()
+            .flatten()
+            .any(is_key_material),
+        DataType::BinaryView => column
+            .as_binary_view()
+            .iter()
+            .flatten()
+            .any(is_key_material),
         DataType::Utf8 => column
             .as_string::<i32>()
             .iter()

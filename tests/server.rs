@@ -376,7 +376,7 @@ async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
         "t3",
         IngestMode::CREATE,
         &leaked.schema(),
-        &[leaked.clone()],
+        std::slice::from_ref(&leaked),
     )
     .await
     .unwrap_err();

@@ -85,7 +85,7 @@ pub struct HedfFlightService {
 /// What a SQL text asks for.
 enum Planned {
     Query {
-        ctx: SessionContext,
+        ctx: Box<SessionContext>,
         plan: LogicalPlan,
         tables: Arc<Tables>,
     },
@@ -189,7 +189,11 @@ impl HedfFlightService {
         }
         let state = ctx.state();
         let plan = state.statement_to_plan(statement).await?;
-        Ok(Planned::Query { ctx, plan, tables })
+        Ok(Planned::Query {
+            ctx: Box::new(ctx),
+            plan,
+            tables,
+        })
     }
 
     /// FlightInfo for a statement: its result schema and a ticket carrying the SQL. A DROP
@@ -619,7 +623,7 @@ impl FlightSqlService for HedfFlightService {
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
         self.tenant(&request)?;
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         command_info(query, &schema, request.into_inner())
             .map(Response::new)
             .map_err(to_status)
@@ -655,7 +659,7 @@ impl FlightSqlService for HedfFlightService {
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
         self.tenant(&request)?;
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         command_info(query, &schema, request.into_inner())
             .map(Response::new)
             .map_err(to_status)

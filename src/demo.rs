@@ -155,6 +155,32 @@ async fn verify(plain: &SessionContext, over: &str, decrypted: &[RecordBatch]) -
     Ok(got.len())
 }
 
+/// The seed's three aggregations: its title for each, and the dimension summed over.
+const AGGREGATIONS: [(&str, &str); 3] = [("area", "AREA"), ("age", "AGE GROUP"), ("sex", "SEX")];
+
+/// Decrypts one aggregation's result, prints it the seed's way and checks it against plaintext.
+async fn report(
+    key: &ClientKey,
+    plain: &SessionContext,
+    over: &str,
+    results: &[RecordBatch],
+    out: &mut impl Write,
+) -> Result<()> {
+    let decrypted = results
+        .iter()
+        .map(|b| decrypt_batch(key, b))
+        .collect::<Result<Vec<_>>>()?;
+    write!(out, "{}", format_grouped(&decrypted, 2)?)?;
+    let groups: usize = decrypted.iter().map(|b| b.num_rows()).sum();
+    writeln!(out, "[{groups} rows x {} columns]", YEARS.len())?;
+    let checked = verify(plain, over, &decrypted).await?;
+    writeln!(
+        out,
+        "verified: all {checked} sums equal plaintext DataFusion SUM"
+    )?;
+    Ok(())
+}
+
 /// Runs the demo, writing what the seed's client printed (and a little more) to `out`.
 pub async fn run(data_dir: &Path, out: &mut impl Write) -> Result<()> {
     let key = ClientKey::generate();
@@ -197,25 +223,14 @@ pub async fn run(data_dir: &Path, out: &mut impl Write) -> Result<()> {
     )?;
     ctx.register_table(TABLE, Arc::new(table))?;
 
-    for (title, over) in [("area", "AREA"), ("age", "AGE GROUP"), ("sex", "SEX")] {
+    for (title, over) in AGGREGATIONS {
         writeln!(out, "aggregate by {title} and decrypt:")?;
         let results = ctx
             .sql(&aggregation_sql(TABLE, over, "he_sum")?)
             .await?
             .collect()
             .await?;
-        let decrypted = results
-            .iter()
-            .map(|b| decrypt_batch(&key, b))
-            .collect::<Result<Vec<_>>>()?;
-        write!(out, "{}", format_grouped(&decrypted, 2)?)?;
-        let groups: usize = decrypted.iter().map(|b| b.num_rows()).sum();
-        writeln!(out, "[{groups} rows x {} columns]", YEARS.len())?;
-        let checked = verify(&plain, over, &decrypted).await?;
-        writeln!(
-            out,
-            "verified: all {checked} sums equal plaintext DataFusion SUM"
-        )?;
+        report(&key, &plain, over, &results, out).await?;
     }
 
     writeln!(out, "aggregate with invalid param:")?;
@@ -288,23 +303,12 @@ pub async fn run_remote(
         .await?;
     writeln!(out, "{rows} rows (key id {})", key.id())?;
 
-    for (title, over) in [("area", "AREA"), ("age", "AGE GROUP"), ("sex", "SEX")] {
+    for (title, over) in AGGREGATIONS {
         writeln!(out, "aggregate by {title} and decrypt:")?;
         let (_, results) = server
             .query(&aggregation_sql(TABLE, over, "he_sum")?)
             .await?;
-        let decrypted = results
-            .iter()
-            .map(|b| decrypt_batch(&key, b))
-            .collect::<Result<Vec<_>>>()?;
-        write!(out, "{}", format_grouped(&decrypted, 2)?)?;
-        let groups: usize = decrypted.iter().map(|b| b.num_rows()).sum();
-        writeln!(out, "[{groups} rows x {} columns]", YEARS.len())?;
-        let checked = verify(&plain, over, &decrypted).await?;
-        writeln!(
-            out,
-            "verified: all {checked} sums equal plaintext DataFusion SUM"
-        )?;
+        report(&key, &plain, over, &results, out).await?;
     }
 
     writeln!(out, "aggregate with invalid param:")?;

@@ -66,6 +66,22 @@ pub fn read_file(path: &Path, measures: &[MeasureColumn]) -> Result<(SchemaRef, 
     }
 }
 
+/// An encryptor for `input`'s measures; a first pass over the file infers any precision not
+/// given.
+fn file_encryptor<'k>(
+    key: &'k ClientKey,
+    input: &Path,
+    measures: &[MeasureColumn],
+) -> Result<Encryptor<'k>> {
+    let (schema, batches) = read_file(input, measures)?;
+    let resolved = if measures.iter().any(|m| m.precision.is_none()) {
+        infer_precisions(&schema, measures, batches)?
+    } else {
+        measures.to_vec()
+    };
+    Encryptor::new(key, &schema, &resolved)
+}
+
 /// Encrypts `input`'s `measures` into one Parquet file in hedf's stored layout (what a server
 /// keeps and what `hedf upload` or any Flight SQL client can ingest). Returns the row count.
 pub fn encrypt_to_parquet(
@@ -74,13 +90,7 @@ pub fn encrypt_to_parquet(
     measures: &[MeasureColumn],
     out: &Path,
 ) -> Result<usize> {
-    let (schema, batches) = read_file(input, measures)?;
-    let resolved = if measures.iter().any(|m| m.precision.is_none()) {
-        infer_precisions(&schema, measures, batches)?
-    } else {
-        measures.to_vec()
-    };
-    let mut encryptor = Encryptor::new(key, &schema, &resolved)?;
+    let mut encryptor = file_encryptor(key, input, measures)?;
     let layout = Arc::new(StorageLayout::from_engine(&encryptor.schema())?);
     let mut writer = SegmentWriter::create(out, layout, UploadFormat::Cells)?;
     let (_, batches) = read_file(input, measures)?;
@@ -120,13 +130,7 @@ pub fn encrypt_file(
     measures: &[MeasureColumn],
     table_dir: &Path,
 ) -> Result<EncryptedTable> {
-    let (schema, batches) = read_file(input, measures)?;
-    let resolved = if measures.iter().any(|m| m.precision.is_none()) {
-        infer_precisions(&schema, measures, batches)?
-    } else {
-        measures.to_vec()
-    };
-    let mut encryptor = Encryptor::new(key, &schema, &resolved)?;
+    let mut encryptor = file_encryptor(key, input, measures)?;
     let (_, batches) = read_file(input, measures)?;
     EncryptedTable::create_streaming(
         table_dir,

@@ -1,6 +1,8 @@
 //! End-to-end tests of the engine: decrypted results against plaintext DataFusion on the same
 //! rows, the seed's tables, and every refusal the engine promises.
 
+mod common;
+
 use std::sync::{Arc, OnceLock};
 
 use arrow::array::{
@@ -281,30 +283,7 @@ fn seed_tables_are_reproduced_exactly() {
     let mut out = Vec::new();
     rt.block_on(hedf::demo::run(dir.path(), &mut out)).unwrap();
     let out = String::from_utf8(out).unwrap();
-    let seed = include_str!("fixtures/seed_readme.txt");
-    let number = |s: &str| -> Vec<String> {
-        s.split_whitespace()
-            .filter(|w| w.contains('.') && w.parse::<f64>().is_ok())
-            .map(String::from)
-            .collect()
-    };
-    let start = seed.find("aggregate by area and decrypt:").unwrap();
-    let end = seed.find("aggregate with invalid param:").unwrap();
-    let want: Vec<Vec<String>> = seed[start..end]
-        .lines()
-        .map(number)
-        .filter(|v| v.len() == 5)
-        .collect();
-    assert_eq!(want.len(), 56);
-    let lines: Vec<Vec<String>> = out.lines().map(number).collect();
-    for row in &want {
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.windows(5).any(|w| w == row.as_slice())),
-            "seed row {row:?} missing from:\n{out}"
-        );
-    }
+    common::assert_seed_rows_reproduced(&out);
     assert!(
         out.contains("must be one of [\"AREA\", \"AGE GROUP\", \"SEX\"]"),
         "{out}"

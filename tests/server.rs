@@ -2,6 +2,8 @@
 //! `hedf::remote::Remote` and `FlightSqlServiceClient` directly). Every decrypted answer is
 //! compared with plaintext DataFusion on the same rows.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -169,30 +171,7 @@ async fn seed_demo_replays_over_flight_sql() {
         .await
         .unwrap();
     let out = String::from_utf8(out).unwrap();
-    let seed = include_str!("fixtures/seed_readme.txt");
-    let number = |s: &str| -> Vec<String> {
-        s.split_whitespace()
-            .filter(|w| w.contains('.') && w.parse::<f64>().is_ok())
-            .map(String::from)
-            .collect()
-    };
-    let start = seed.find("aggregate by area and decrypt:").unwrap();
-    let end = seed.find("aggregate with invalid param:").unwrap();
-    let want: Vec<Vec<String>> = seed[start..end]
-        .lines()
-        .map(number)
-        .filter(|v| v.len() == 5)
-        .collect();
-    assert_eq!(want.len(), 56);
-    let lines: Vec<Vec<String>> = out.lines().map(number).collect();
-    for row in &want {
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.windows(5).any(|w| w == row.as_slice())),
-            "seed row {row:?} missing from:\n{out}"
-        );
-    }
+    common::assert_seed_rows_reproduced(&out);
     assert!(out.contains("152 rows"), "{out}");
     assert_eq!(out.matches("no such table: population").count(), 2, "{out}");
     assert!(out.contains("No field named \"INVALID\""), "{out}");

@@ -345,6 +345,27 @@ impl HedfFlightService {
         Ok(written? as i64)
     }
 
+    /// FlightInfo for a metadata call, for an authenticated caller: its ticket is the command.
+    #[allow(clippy::result_large_err)]
+    fn metadata_info(
+        &self,
+        request: Request<FlightDescriptor>,
+        command: impl ProstMessageExt,
+        schema: &Schema,
+    ) -> std::result::Result<Response<FlightInfo>, Status> {
+        self.tenant(&request)?;
+        let ticket = Ticket::new(command.as_any().encode_to_vec());
+        FlightInfo::new()
+            .try_with_schema(schema)
+            .map(|info| {
+                Response::new(
+                    info.with_endpoint(FlightEndpoint::new().with_ticket(ticket))
+                        .with_descriptor(request.into_inner()),
+                )
+            })
+            .map_err(|e| to_status(e.into()))
+    }
+
     async fn tables_batch(&self, tenant: &Tenant, query: CommandGetTables) -> Result<RecordBatch> {
         let mut builder = query.into_builder();
         for (name, version) in tenant.snapshot().iter() {
@@ -526,19 +547,6 @@ fn sql_info() -> &'static SqlInfoData {
     })
 }
 
-/// FlightInfo whose ticket is the command itself (metadata calls).
-fn command_info(
-    command: impl ProstMessageExt,
-    schema: &Schema,
-    descriptor: FlightDescriptor,
-) -> Result<FlightInfo> {
-    let ticket = Ticket::new(command.as_any().encode_to_vec());
-    Ok(FlightInfo::new()
-        .try_with_schema(schema)?
-        .with_endpoint(FlightEndpoint::new().with_ticket(ticket))
-        .with_descriptor(descriptor))
-}
-
 fn sql_text(bytes: &[u8]) -> std::result::Result<&str, Status> {
     std::str::from_utf8(bytes)
         .map_err(|_| Status::invalid_argument("statement handle is not UTF-8 SQL"))
@@ -622,11 +630,8 @@ impl FlightSqlService for HedfFlightService {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
-        self.tenant(&request)?;
         let schema = query.into_builder().schema();
-        command_info(query, &schema, request.into_inner())
-            .map(Response::new)
-            .map_err(to_status)
+        self.metadata_info(request, query, &schema)
     }
 
     async fn get_flight_info_schemas(
@@ -634,11 +639,8 @@ impl FlightSqlService for HedfFlightService {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
-        self.tenant(&request)?;
         let schema = query.clone().into_builder().schema();
-        command_info(query, &schema, request.into_inner())
-            .map(Response::new)
-            .map_err(to_status)
+        self.metadata_info(request, query, &schema)
     }
 
     async fn get_flight_info_tables(
@@ -646,11 +648,8 @@ impl FlightSqlService for HedfFlightService {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
-        self.tenant(&request)?;
         let schema = query.clone().into_builder().schema();
-        command_info(query, &schema, request.into_inner())
-            .map(Response::new)
-            .map_err(to_status)
+        self.metadata_info(request, query, &schema)
     }
 
     async fn get_flight_info_table_types(
@@ -658,11 +657,8 @@ impl FlightSqlService for HedfFlightService {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
-        self.tenant(&request)?;
         let schema = query.into_builder().schema();
-        command_info(query, &schema, request.into_inner())
-            .map(Response::new)
-            .map_err(to_status)
+        self.metadata_info(request, query, &schema)
     }
 
     async fn get_flight_info_sql_info(
@@ -670,11 +666,8 @@ impl FlightSqlService for HedfFlightService {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
-        self.tenant(&request)?;
         let schema = query.clone().into_builder(sql_info()).schema();
-        command_info(query, &schema, request.into_inner())
-            .map(Response::new)
-            .map_err(to_status)
+        self.metadata_info(request, query, &schema)
     }
 
     async fn do_get_statement(

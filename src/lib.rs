@@ -14,6 +14,9 @@
 //! * Server (feature `engine`): [`catalog`] keeps each tenant's tables as immutable Parquet
 //!   segments under an atomically replaced manifest; [`flight`] serves them over Arrow Flight
 //!   SQL with authentication; [`remote`] is the matching client (upload, query, list).
+//!   [`statement`] plans a tenant's SQL the same way for the server and the local shell.
+//! * People: [`repl`] is `hedf sql`, a shell over a local folder or a server that decrypts
+//!   results as it prints them; [`display`] formats them (table, CSV, JSON, the seed's pivot).
 //!
 //! The scheme is additive GLWE from `tfhe::core_crypto`: a chunk of N = 4096 values of a column
 //! is one seeded GLWE ciphertext; a row's cell is the LWE sample extracted at its slot, stored
@@ -32,6 +35,8 @@ pub mod catalog;
 #[cfg(feature = "engine")]
 pub mod demo;
 #[cfg(feature = "engine")]
+pub mod display;
+#[cfg(feature = "engine")]
 pub mod flight;
 #[cfg(feature = "engine")]
 pub mod guard;
@@ -40,7 +45,11 @@ pub mod ingest;
 #[cfg(feature = "engine")]
 pub mod remote;
 #[cfg(feature = "engine")]
+pub mod repl;
+#[cfg(feature = "engine")]
 pub mod session;
+#[cfg(feature = "engine")]
+pub mod statement;
 #[cfg(feature = "engine")]
 pub mod table;
 #[cfg(feature = "engine")]

@@ -36,19 +36,16 @@ use arrow_flight::{
 use base64::Engine;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
-use datafusion::logical_expr::LogicalPlan;
-use datafusion::prelude::SessionContext;
-use datafusion::sql::parser::Statement as DfStatement;
-use datafusion::sql::sqlparser::ast::{ObjectType, Statement};
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::metadata::MetadataValue;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::catalog::{Catalog, IfExists, IngestMode, Tables, Tenant};
+use crate::catalog::{Catalog, IfExists, IngestMode, Tenant};
 use crate::error::{HedfError, Result};
-use crate::session::{tenant_context, CATALOG, SCHEMA};
+use crate::session::{CATALOG, SCHEMA};
+use crate::statement::{plan, Planned};
 use auth::{Tokens, Users};
 
 /// `app_metadata` of a FlightData message by which a client abandons its upload: a stream that
@@ -58,8 +55,6 @@ pub const ABORT_UPLOAD: &[u8] = b"hedf.abort-upload";
 const ANONYMOUS: &str = "anonymous";
 /// Largest single gRPC message accepted or sent (uploads arrive as many such messages).
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
-/// Queries reading fewer rows than this run in one partition.
-const PARALLEL_ROWS: u64 = 1 << 17;
 /// HTTP/2 flow-control window per stream (the connection gets twice this).
 pub const WINDOW_BYTES: u32 = 16 << 20;
 /// Result batches are cut into Flight messages of about this size.
@@ -80,19 +75,6 @@ pub struct HedfFlightService {
     users: Option<Users>,
     tokens: Tokens,
     max_upload_bytes: u64,
-}
-
-/// What a SQL text asks for.
-enum Planned {
-    Query {
-        ctx: Box<SessionContext>,
-        plan: LogicalPlan,
-        tables: Arc<Tables>,
-    },
-    DropTable {
-        name: String,
-        if_exists: bool,
-    },
 }
 
 type FlightDataStream =
@@ -132,70 +114,6 @@ impl HedfFlightService {
         self.catalog.tenant(&user).map_err(to_status)
     }
 
-    /// Parses one statement and plans it for `tenant`: a query over the tenant's tables only,
-    /// or `DROP TABLE`. Anything else is refused.
-    async fn plan(&self, tenant: &Tenant, sql: &str) -> Result<Planned> {
-        let tables = tenant.snapshot();
-        let ctx = tenant_context(tables.iter().map(|(n, v)| (n.as_str(), v.provider())))?;
-        let state = ctx.state();
-        let dialect = state.config().options().sql_parser.dialect;
-        let statement = state.sql_to_statement(sql, &dialect)?;
-        if let DfStatement::Statement(s) = &statement {
-            if let Statement::Drop {
-                object_type: ObjectType::Table,
-                if_exists,
-                names,
-                ..
-            } = s.as_ref()
-            {
-                let [name] = names.as_slice() else {
-                    return Err(HedfError::Invalid("DROP TABLE takes one table".into()));
-                };
-                let reference =
-                    datafusion::sql::planner::object_name_to_table_reference(name.clone(), true)?;
-                return Ok(Planned::DropTable {
-                    name: own_table(&reference)?,
-                    if_exists: *if_exists,
-                });
-            }
-        }
-        let is_query = matches!(&statement, DfStatement::Statement(s) if matches!(s.as_ref(), Statement::Query(_)))
-            || matches!(&statement, DfStatement::Explain(_));
-        if !is_query {
-            return Err(HedfError::Invalid(
-                "only queries (SELECT, EXPLAIN) and DROP TABLE run here; tables are created by \
-                 bulk ingest of encrypted data"
-                    .into(),
-            ));
-        }
-        let mut rows = 0;
-        for reference in state.resolve_table_references(&statement)? {
-            let name = own_table(&reference)?;
-            rows += tables
-                .get(&name)
-                .ok_or(HedfError::NoSuchTable(name))?
-                .rows();
-        }
-        if rows < PARALLEL_ROWS {
-            // Small inputs: one partition. Spreading them would only move 32 KiB-per-group
-            // partial sums between partitions (measured: 51 -> 33 ms for the seed's largest
-            // aggregation).
-            ctx.state_ref()
-                .write()
-                .config_mut()
-                .options_mut()
-                .execution
-                .target_partitions = 1;
-        }
-        let state = ctx.state();
-        let plan = state.statement_to_plan(statement).await?;
-        Ok(Planned::Query {
-            ctx: Box::new(ctx),
-            plan,
-            tables,
-        })
-    }
-
     /// FlightInfo for a statement: its result schema and a ticket carrying the SQL. A DROP
     /// runs here (nothing to fetch after).
     async fn statement_info(
@@ -204,7 +122,7 @@ impl HedfFlightService {
         sql: &str,
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo> {
-        let schema = match self.plan(tenant, sql).await? {
+        let schema = match plan(tenant, sql).await? {
             Planned::Query { plan, .. } => plan.schema().as_arrow().clone(),
             Planned::DropTable { name, if_exists } => {
                 tenant.drop_table(&name, if_exists)?;
@@ -226,7 +144,7 @@ impl HedfFlightService {
 
     /// Runs a statement for DoGet: its result batches, ciphertext columns untouched.
     async fn statement_stream(&self, tenant: &Tenant, sql: &str) -> Result<FlightDataStream> {
-        let Planned::Query { ctx, plan, tables } = self.plan(tenant, sql).await? else {
+        let Planned::Query { ctx, plan, tables } = plan(tenant, sql).await? else {
             return Err(HedfError::Invalid(
                 "this statement returns no rows; run it with executeUpdate".into(),
             ));
@@ -246,7 +164,7 @@ impl HedfFlightService {
     }
 
     async fn update(&self, tenant: &Tenant, sql: &str) -> Result<i64> {
-        match self.plan(tenant, sql).await? {
+        match plan(tenant, sql).await? {
             Planned::DropTable { name, if_exists } => {
                 tenant.drop_table(&name, if_exists)?;
                 Ok(0)
@@ -431,16 +349,6 @@ fn ingest_mode(command: &CommandStatementIngest) -> Result<IngestMode> {
 }
 
 /// A table reference's table name, if it points into the tenant's catalog and schema.
-fn own_table(reference: &datafusion::common::TableReference) -> Result<String> {
-    let catalog_ok = reference.catalog().is_none_or(|c| c == CATALOG);
-    let schema_ok = reference.schema().is_none_or(|s| s == SCHEMA);
-    if catalog_ok && schema_ok {
-        Ok(reference.table().to_string())
-    } else {
-        Err(HedfError::NoSuchTable(reference.to_string()))
-    }
-}
-
 fn encode(
     schema: SchemaRef,
     batches: impl Stream<Item = std::result::Result<RecordBatch, FlightError>> + Send + 'static,
@@ -828,7 +736,7 @@ impl FlightSqlService for HedfFlightService {
         if query.transaction_id.is_some() {
             return Err(Status::invalid_argument("transactions are not supported"));
         }
-        let schema = match self.plan(&tenant, &query.query).await.map_err(to_status)? {
+        let schema = match plan(&tenant, &query.query).await.map_err(to_status)? {
             Planned::Query { plan, .. } => plan.schema().as_arrow().clone(),
             Planned::DropTable { .. } => Schema::empty(),
         };

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Decimal128Type, Field, Schema, SchemaRef};
-use arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
@@ -69,61 +68,6 @@ pub fn aggregation_sql(table: &str, over: &str, sum: &str) -> Result<String> {
     ))
 }
 
-/// Prints grouped results the way pandas printed the seed's tables: the index columns on the
-/// left (a repeated outer label left blank), one right-aligned column per measure.
-pub fn format_grouped(batches: &[RecordBatch], key_columns: usize) -> Result<String> {
-    let Some(first) = batches.first() else {
-        return Ok(String::new());
-    };
-    let schema = first.schema();
-    let names: Vec<&String> = schema.fields().iter().map(|f| f.name()).collect();
-    let mut rows: Vec<Vec<String>> = Vec::new();
-    let options = FormatOptions::default().with_null("NaN");
-    for batch in batches {
-        let formatters = batch
-            .columns()
-            .iter()
-            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        for r in 0..batch.num_rows() {
-            rows.push(formatters.iter().map(|f| f.value(r).to_string()).collect());
-        }
-    }
-    let width = |c: usize| {
-        rows.iter()
-            .map(|r| r[c].len())
-            .chain([names[c].len()])
-            .max()
-            .unwrap_or(0)
-    };
-    let widths: Vec<usize> = (0..names.len()).map(width).collect();
-    let key_width: usize = widths[..key_columns].iter().map(|w| w + 1).sum();
-    let mut out = format!("{:key_width$}", "");
-    for c in key_columns..names.len() {
-        out += &format!("{:>w$}", names[c], w = widths[c] + 2);
-    }
-    out += "\n";
-    out += &(0..key_columns)
-        .map(|c| format!("{:w$}", names[c], w = widths[c]))
-        .collect::<Vec<_>>()
-        .join(" ");
-    out += "\n";
-    for (i, row) in rows.iter().enumerate() {
-        let mut line = String::new();
-        for c in 0..key_columns {
-            let repeated =
-                i > 0 && (0..=c).all(|k| rows[i - 1][k] == row[k]) && c + 1 < key_columns;
-            line += &format!("{:w$} ", if repeated { "" } else { &row[c] }, w = widths[c]);
-        }
-        for c in key_columns..names.len() {
-            line += &format!("{:>w$}", row[c], w = widths[c] + 2);
-        }
-        out += line.trim_end();
-        out += "\n";
-    }
-    Ok(out)
-}
-
 /// Checks decrypted sums against plaintext DataFusion SUM on the same rows; returns the count
 /// of values compared.
 async fn verify(plain: &SessionContext, over: &str, decrypted: &[RecordBatch]) -> Result<usize> {
@@ -170,7 +114,7 @@ async fn report(
         .iter()
         .map(|b| decrypt_batch(key, b))
         .collect::<Result<Vec<_>>>()?;
-    write!(out, "{}", format_grouped(&decrypted, 2)?)?;
+    write!(out, "{}", crate::display::format_grouped(&decrypted, 2)?)?;
     let groups: usize = decrypted.iter().map(|b| b.num_rows()).sum();
     writeln!(out, "[{groups} rows x {} columns]", YEARS.len())?;
     let checked = verify(plain, over, &decrypted).await?;

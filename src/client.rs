@@ -63,6 +63,8 @@ pub struct Encryptor<'k> {
     schema: SchemaRef,
     plans: Vec<Plan>,
     next_chunk: u64,
+    /// Rows encrypted so far, so errors name a row of the whole input.
+    rows: usize,
 }
 
 impl<'k> Encryptor<'k> {
@@ -100,6 +102,7 @@ impl<'k> Encryptor<'k> {
             schema: Arc::new(Schema::new(fields)),
             plans,
             next_chunk: 0,
+            rows: 0,
         })
     }
 
@@ -122,12 +125,12 @@ impl<'k> Encryptor<'k> {
                     return Ok(column.clone());
                 };
                 let name = self.schema.field(idx).name();
-                let values = fixed_point_values(column, crypto.spec.scale, name)?;
+                let values = fixed_point_values(column, crypto.spec.scale, name, self.rows)?;
                 let too_large = |v: &Option<i64>| v.is_some_and(|v| v.unsigned_abs() > crypto.spec.max_abs() as u64);
                 if let Some(row) = values.iter().position(too_large) {
                     return Err(HedfError::Encoding {
                         column: name.clone(),
-                        row,
+                        row: self.rows + row,
                         why: format!(
                             "|value| exceeds what the declared precision allows (at most {} in fixed point)",
                             crypto.spec.max_abs()
@@ -138,6 +141,7 @@ impl<'k> Encryptor<'k> {
             })
             .collect::<Result<Vec<_>>>()?;
         self.next_chunk += batch.num_rows().div_ceil(POLYNOMIAL_SIZE) as u64;
+        self.rows += batch.num_rows();
         Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
 }
@@ -187,16 +191,18 @@ where
         return Ok(resolved);
     }
     let mut max = vec![0u64; pending.len()];
+    let mut row0 = 0;
     for batch in batches {
         let batch = batch?;
         for (slot, &(i, col)) in pending.iter().enumerate() {
             let m = &resolved[i];
-            let values = fixed_point_values(batch.column(col), m.scale, &m.name)?;
+            let values = fixed_point_values(batch.column(col), m.scale, &m.name, row0)?;
             max[slot] = values
                 .iter()
                 .flatten()
                 .fold(max[slot], |acc, v| acc.max(v.unsigned_abs()));
         }
+        row0 += batch.num_rows();
     }
     for (&(i, _), max) in pending.iter().zip(max) {
         let digits = max.checked_ilog10().map_or(1, |d| d + 1) as u8;
@@ -206,10 +212,16 @@ where
 }
 
 /// Converts a numeric or decimal-string column to exact fixed-point integers.
-fn fixed_point_values(array: &ArrayRef, scale: i8, column: &str) -> Result<Vec<Option<i64>>> {
+/// `row0` is the input row of the array's first value, for error messages.
+fn fixed_point_values(
+    array: &ArrayRef,
+    scale: i8,
+    column: &str,
+    row0: usize,
+) -> Result<Vec<Option<i64>>> {
     let err = |row: usize, why: String| HedfError::Encoding {
         column: column.to_string(),
-        row,
+        row: row0 + row,
         why,
     };
     let factor = 10i64.pow(scale as u32);
@@ -461,64 +473,108 @@ impl<'k> CellDecryptor<'k> {
     }
 }
 
+/// Decrypts one hedf column (sums or cells, described by `kind` and `crypto`) into
+/// `Decimal128(38, scale)`.
+fn decrypt_column(
+    key: &ClientKey,
+    name: &str,
+    kind: &str,
+    crypto: &ColumnCrypto,
+    column: &ArrayRef,
+) -> Result<Decimal128Array> {
+    check_key(key, crypto.key_id, &format!("column {name:?}"))?;
+    let values: Decimal128Array = match (kind, column.data_type()) {
+        (KIND_SUM, DataType::LargeBinary) => column
+            .as_any()
+            .downcast_ref::<LargeBinaryArray>()
+            .expect("type checked")
+            .iter()
+            .map(|v| v.map(|bytes| decrypt_sum(key, bytes, name)).transpose())
+            .collect::<Result<_>>()?,
+        (KIND_CELL, DataType::FixedSizeBinary(_)) => {
+            let mut dec = CellDecryptor::new(key);
+            column
+                .as_fixed_size_binary()
+                .iter()
+                .map(|v| {
+                    v.map(|bytes| {
+                        let cell = CellRef::parse(bytes, crypto)?;
+                        let limbs: Vec<i64> = (0..crypto.spec.limbs as usize)
+                            .map(|l| dec.limb(cell.seed(l), cell.row(), cell.body(l)))
+                            .collect();
+                        Ok(crypto.spec.join(&limbs))
+                    })
+                    .transpose()
+                })
+                .collect::<Result<_>>()?
+        }
+        (kind, t) => {
+            return Err(HedfError::Malformed(format!(
+                "column {name:?} is marked {kind} but has type {t}"
+            )))
+        }
+    };
+    Ok(values.with_precision_and_scale(38, crypto.spec.scale)?)
+}
+
 /// Decrypts every hedf column of a result batch (sums and cells) into `Decimal128(38, scale)`;
-/// plaintext columns pass through.
+/// plaintext columns pass through. A column of another key is an error.
 pub fn decrypt_batch(key: &ClientKey, batch: &RecordBatch) -> Result<RecordBatch> {
+    let (batch, refused) = decrypt_readable(Some(key), batch)?;
+    match refused.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(batch),
+    }
+}
+
+/// What a person is shown of a result batch: hedf columns of `key` decrypted, those of any
+/// other key (or all of them, without a key) replaced by the text `<encrypted>`. Also returns
+/// one key-mismatch error per column that a loaded key could not decrypt.
+pub fn decrypt_readable(
+    key: Option<&ClientKey>,
+    batch: &RecordBatch,
+) -> Result<(RecordBatch, Vec<HedfError>)> {
     let mut fields = Vec::with_capacity(batch.num_columns());
     let mut columns = Vec::with_capacity(batch.num_columns());
+    let mut refused = Vec::new();
     for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
         let Some((kind, crypto)) = ColumnCrypto::from_metadata(field.metadata())? else {
             fields.push(field.as_ref().clone());
             columns.push(column.clone());
             continue;
         };
-        check_key(key, crypto.key_id, &format!("column {:?}", field.name()))?;
-        let scale = crypto.spec.scale;
-        let values: Decimal128Array = match (kind.as_str(), column.data_type()) {
-            (KIND_SUM, DataType::LargeBinary) => column
-                .as_any()
-                .downcast_ref::<LargeBinaryArray>()
-                .expect("type checked")
-                .iter()
-                .map(|v| {
-                    v.map(|bytes| decrypt_sum(key, bytes, field.name()))
-                        .transpose()
-                })
-                .collect::<Result<_>>()?,
-            (KIND_CELL, DataType::FixedSizeBinary(_)) => {
-                let mut dec = CellDecryptor::new(key);
-                column
-                    .as_fixed_size_binary()
-                    .iter()
-                    .map(|v| {
-                        v.map(|bytes| {
-                            let cell = CellRef::parse(bytes, &crypto)?;
-                            let limbs: Vec<i64> = (0..crypto.spec.limbs as usize)
-                                .map(|l| dec.limb(cell.seed(l), cell.row(), cell.body(l)))
-                                .collect();
-                            Ok(crypto.spec.join(&limbs))
-                        })
-                        .transpose()
-                    })
-                    .collect::<Result<_>>()?
-            }
-            (kind, t) => {
-                return Err(HedfError::Malformed(format!(
-                    "column {:?} is marked {kind} but has type {t}",
-                    field.name()
-                )))
-            }
+        let decrypted = match key {
+            Some(key) => match decrypt_column(key, field.name(), &kind, &crypto, column) {
+                Ok(values) => Some(values),
+                Err(e @ HedfError::KeyMismatch { .. }) => {
+                    refused.push(e);
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+            None => None,
         };
-        let values = values.with_precision_and_scale(38, scale)?;
-        fields.push(Field::new(field.name(), values.data_type().clone(), true));
-        columns.push(Arc::new(values) as ArrayRef);
+        let column: ArrayRef = match decrypted {
+            Some(values) => Arc::new(values),
+            None => Arc::new(
+                (0..column.len())
+                    .map(|r| column.is_valid(r).then_some(ENCRYPTED))
+                    .collect::<arrow::array::StringArray>(),
+            ),
+        };
+        fields.push(Field::new(field.name(), column.data_type().clone(), true));
+        columns.push(column);
     }
     let metadata: HashMap<String, String> = batch.schema().metadata().clone();
-    Ok(RecordBatch::try_new(
+    let batch = RecordBatch::try_new(
         Arc::new(Schema::new_with_metadata(fields, metadata)),
         columns,
-    )?)
+    )?;
+    Ok((batch, refused))
 }
+
+/// How a value that cannot be decrypted here is shown.
+pub const ENCRYPTED: &str = "<encrypted>";
 
 #[cfg(test)]
 mod tests {
@@ -608,7 +664,10 @@ mod tests {
                 &[MeasureColumn::new("v", 0).with_precision(6)],
             )
             .unwrap_err();
-            assert!(err.to_string().contains("column v, row 1"), "{bad}: {err}");
+            assert!(
+                err.to_string().contains("column v, data row 2"),
+                "{bad}: {err}"
+            );
         }
     }
 

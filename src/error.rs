@@ -26,7 +26,8 @@ pub enum HedfError {
         max_rows: u64,
         why: String,
     },
-    #[error("value out of range in column {column}, row {row}: {why}")]
+    /// `row` counts from 0; the message counts data rows from 1, as a spreadsheet would.
+    #[error("bad value in column {column}, data row {}: {why}", row + 1)]
     Encoding {
         column: String,
         row: usize,
@@ -42,6 +43,8 @@ pub enum HedfError {
     TooLarge(String),
     #[error("server error ({code}): {message}")]
     Remote { code: String, message: String },
+    #[error("query cancelled")]
+    Cancelled,
     #[error("invalid input: {0}")]
     Invalid(String),
     #[error("invalid key file: {0}")]
@@ -62,6 +65,27 @@ pub enum HedfError {
 }
 
 pub type Result<T, E = HedfError> = std::result::Result<T, E>;
+
+impl HedfError {
+    /// The error as one line for a person: hedf's own errors unwrapped from DataFusion's
+    /// wrapping, backtraces dropped, line breaks folded.
+    pub fn user_message(&self) -> String {
+        let text = match self {
+            #[cfg(feature = "engine")]
+            HedfError::DataFusion(e) => match e.find_root() {
+                datafusion::error::DataFusionError::External(inner) => {
+                    match inner.downcast_ref::<HedfError>() {
+                        Some(h) => return h.user_message(),
+                        None => inner.to_string(),
+                    }
+                }
+                root => root.strip_backtrace(),
+            },
+            other => other.to_string(),
+        };
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+}
 
 #[cfg(feature = "engine")]
 impl From<HedfError> for datafusion::error::DataFusionError {

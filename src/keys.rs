@@ -158,7 +158,9 @@ impl ClientKey {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        Self::from_bytes(&std::fs::read(path)?)
+        let bytes = std::fs::read(path)
+            .map_err(|e| HedfError::KeyFile(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_bytes(&bytes)
     }
 }
 

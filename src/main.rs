@@ -4,15 +4,19 @@ use std::io::{IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use hedf::catalog::IngestMode;
-use hedf::client::{decrypt_batch, MeasureColumn};
+use hedf::catalog::{Catalog, IngestMode};
+use hedf::client::decrypt_batch;
+use hedf::display::Format;
 use hedf::flight::auth::{hash_password, Users};
 use hedf::flight::ServerConfig;
 use hedf::keys::ClientKey;
 use hedf::remote::Remote;
+use hedf::repl::{history_path, Connection, Session, LOCAL_USER};
 use hedf::HedfError;
+use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
 #[command(
@@ -50,20 +54,22 @@ enum Command {
         #[arg(long)]
         key: PathBuf,
         /// Comma-separated measure columns to encrypt; the others stay plaintext.
-        #[arg(long, value_delimiter = ',', required = true)]
-        measures: Vec<String>,
+        /// Default: every numeric column.
+        #[arg(long, value_delimiter = ',')]
+        measures: Option<Vec<String>>,
         /// Decimal places of the measures; a value with more is an error, never rounded.
-        #[arg(long, default_value_t = 0)]
-        scale: i8,
+        /// Default: per column, the most decimal places any of its values has.
+        #[arg(long)]
+        scale: Option<i8>,
         /// Output `.parquet` file.
         #[arg(long)]
         out: PathBuf,
     },
-    /// Upload an encrypted Parquet or Arrow file to a server.
+    /// Upload an encrypted Parquet or Arrow file to a server (or a local data folder).
     Upload {
         file: PathBuf,
         #[command(flatten)]
-        server: ServerArgs,
+        target: Target,
         /// Table name on the server.
         #[arg(long)]
         table: String,
@@ -79,6 +85,25 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+    },
+    /// SQL shell (or script runner) that decrypts results with your key.
+    ///
+    /// Without -c or -f it is interactive: statements end with ';', \? lists the commands.
+    Sql {
+        #[command(flatten)]
+        target: Target,
+        /// Folder holding `client.key`; without it encrypted values show as <encrypted>.
+        #[arg(long, env = "HEDF_KEY")]
+        key: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Run these statements and commands, then exit (repeatable; before any -f).
+        #[arg(short = 'c', long = "command")]
+        commands: Vec<String>,
+        /// Run the statements and commands in FILE, then exit (repeatable).
+        #[arg(short = 'f', long = "file")]
+        files: Vec<PathBuf>,
     },
     /// Run the Arrow Flight SQL server.
     Serve {
@@ -135,42 +160,86 @@ enum Mode {
     Replace,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Format {
-    Table,
-    Csv,
+/// Where tables live: a server, or a local data folder (the default).
+#[derive(clap::Args)]
+struct Target {
+    /// Server URL, e.g. http://127.0.0.1:50051.
+    #[arg(long, conflicts_with = "data_dir")]
+    server: Option<String>,
+    /// Local data folder, as `hedf serve` keeps it (default: $XDG_DATA_HOME/hedf or
+    /// ~/.local/share/hedf). Used without a server.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// User name. With --server the password comes from $HEDF_PASSWORD or a prompt; locally it
+    /// picks whose tables (default: the tenant of a server run with --insecure-no-auth).
+    #[arg(long)]
+    user: Option<String>,
 }
 
-impl ServerArgs {
-    /// User and password, if a user was given.
-    fn login(&self) -> hedf::Result<Option<(String, String)>> {
-        self.user
-            .as_ref()
-            .map(|user| Ok((user.clone(), password()?)))
-            .transpose()
+impl Target {
+    async fn connect(&self) -> hedf::Result<Connection> {
+        match &self.server {
+            Some(url) => {
+                let login = login(self.user.as_deref())?;
+                Connection::remote(url, login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))).await
+            }
+            None => Connection::local(&self.data_dir(), self.user.as_deref()),
+        }
     }
 
-    async fn connect(&self) -> hedf::Result<Remote> {
-        let login = self.login()?;
-        Remote::connect(
-            &self.url,
-            login.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
-        )
-        .await
+    fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
     }
 }
 
+/// User and password, if a user was given.
+fn login(user: Option<&str>) -> hedf::Result<Option<(String, String)>> {
+    user.map(|user| Ok((user.to_string(), password()?)))
+        .transpose()
+}
+
+/// The password from $HEDF_PASSWORD, else a prompt that does not echo (or a line of stdin
+/// when it is not a terminal). Never read through the shell's line editor, so never in history.
 fn password() -> hedf::Result<String> {
     if let Ok(p) = std::env::var("HEDF_PASSWORD") {
         return Ok(p);
     }
-    let mut line = String::new();
     if std::io::stdin().is_terminal() {
-        eprint!("password: ");
-        std::io::stderr().flush()?;
+        return Ok(rpassword::prompt_password("password: ")?);
     }
+    let mut line = String::new();
     std::io::stdin().read_line(&mut line)?;
     Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+/// A progress bar on stderr (drawn only on a terminal) counting rows.
+fn progress(total: Option<u64>, what: &str) -> ProgressBar {
+    let (bar, template) = match total {
+        Some(total) => (
+            ProgressBar::new(total),
+            "{msg} [{bar:30}] {human_pos}/{human_len} rows, {per_sec}, eta {eta}",
+        ),
+        None => (
+            ProgressBar::no_length(),
+            "{spinner} {msg} {human_pos} rows, {per_sec}",
+        ),
+    };
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+fn rate(rows: u64, elapsed: Duration) -> String {
+    format!(
+        "{:.2} s, {:.2} M rows/s",
+        elapsed.as_secs_f64(),
+        rows as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6
+    )
 }
 
 fn default_data_dir() -> PathBuf {
@@ -183,6 +252,24 @@ fn default_data_dir() -> PathBuf {
 
 fn load_key(dir: &Path) -> hedf::Result<ClientKey> {
     ClientKey::load(&dir.join("client.key"))
+}
+
+/// Bulk ingest into a local data folder, as the server does it: the table changes only once
+/// every batch is written.
+fn upload_local(
+    target: &Target,
+    table: &str,
+    mode: IngestMode,
+    schema: &arrow::datatypes::Schema,
+    batches: impl Iterator<Item = hedf::Result<arrow::record_batch::RecordBatch>>,
+) -> hedf::Result<i64> {
+    let tenant =
+        Catalog::open(&target.data_dir())?.tenant(target.user.as_deref().unwrap_or(LOCAL_USER))?;
+    let mut upload = tenant.begin_upload(table, mode, schema)?;
+    for batch in batches {
+        upload.write(&batch?)?;
+    }
+    Ok(upload.commit()? as i64)
 }
 
 async fn run(cli: Cli) -> hedf::Result<()> {
@@ -213,21 +300,33 @@ async fn run(cli: Cli) -> hedf::Result<()> {
             out,
         } => {
             let key = load_key(&key)?;
-            let measures: Vec<MeasureColumn> = measures
+            let started = Instant::now();
+            let scanning = progress(None, "scanning");
+            let measures = hedf::ingest::resolve_measures(&input, measures.as_deref(), scale)?;
+            scanning.finish_and_clear();
+            let bar = progress(hedf::ingest::parquet_rows(&input), "encrypting");
+            let rows =
+                hedf::ingest::encrypt_to_parquet(&key, &input, &measures, &out, &mut |rows| {
+                    bar.set_position(rows as u64)
+                });
+            bar.finish_and_clear();
+            let rows = rows?;
+            let columns: Vec<String> = measures
                 .iter()
-                .map(|m| MeasureColumn::new(m.trim(), scale))
+                .map(|m| format!("{} (scale {})", m.name, m.scale))
                 .collect();
-            let rows = hedf::ingest::encrypt_to_parquet(&key, &input, &measures, &out)?;
             eprintln!(
-                "encrypted {rows} rows into {} (key id {})",
+                "encrypted {rows} rows of {} into {} (key id {}) in {}",
+                columns.join(", "),
                 out.display(),
-                key.id()
+                key.id(),
+                rate(rows as u64, started.elapsed())
             );
             Ok(())
         }
         Command::Upload {
             file,
-            server,
+            target,
             table,
             mode,
         } => {
@@ -237,32 +336,73 @@ async fn run(cli: Cli) -> hedf::Result<()> {
                 Mode::Append => IngestMode::APPEND,
                 Mode::Replace => IngestMode::REPLACE,
             };
-            let mut remote = server.connect().await?;
-            let rows = remote
-                .upload(&table, mode, schema, futures::stream::iter(batches))
-                .await?;
-            println!("{rows} rows uploaded to {table}");
+            let started = Instant::now();
+            let bar = progress(hedf::ingest::parquet_rows(&file), "uploading");
+            let counted = {
+                let bar = bar.clone();
+                batches.inspect(move |b| {
+                    if let Ok(b) = b {
+                        bar.inc(b.num_rows() as u64)
+                    }
+                })
+            };
+            let rows = match &target.server {
+                Some(url) => {
+                    let login = login(target.user.as_deref())?;
+                    let mut remote =
+                        Remote::connect(url, login.as_ref().map(|(u, p)| (u.as_str(), p.as_str())))
+                            .await?;
+                    remote
+                        .upload(&table, mode, schema, futures::stream::iter(counted))
+                        .await
+                }
+                None => upload_local(&target, &table, mode, &schema, counted),
+            };
+            bar.finish_and_clear();
+            let rows = rows?;
+            eprintln!(
+                "{rows} rows uploaded to {table} in {}",
+                rate(rows as u64, started.elapsed())
+            );
             Ok(())
         }
         Command::Decrypt { file, key, format } => {
             let key = load_key(&key)?;
-            let (_, batches) = hedf::ingest::read_encrypted(&file)?;
+            let (schema, batches) = hedf::ingest::read_encrypted(&file)?;
             let decrypted = batches
                 .map(|b| decrypt_batch(&key, &b?))
                 .collect::<hedf::Result<Vec<_>>>()?;
+            hedf::display::write(&mut std::io::stdout().lock(), format, &schema, &decrypted)
+        }
+        Command::Sql {
+            target,
+            key,
+            format,
+            commands,
+            files,
+        } => {
+            let started = Instant::now();
+            let key = key.as_deref().map(load_key).transpose()?;
+            let mut session = Session::new(target.connect().await?, key, format);
+            if commands.is_empty() && files.is_empty() && std::io::stdin().is_terminal() {
+                return session
+                    .interactive(history_path().as_deref(), started.elapsed())
+                    .await;
+            }
             let mut stdout = std::io::stdout().lock();
-            match format {
-                Format::Table => writeln!(
-                    stdout,
-                    "{}",
-                    arrow::util::pretty::pretty_format_batches(&decrypted)?
-                )?,
-                Format::Csv => {
-                    let mut writer = arrow::csv::Writer::new(&mut stdout);
-                    for batch in &decrypted {
-                        writer.write(batch)?;
-                    }
-                }
+            for command in &commands {
+                session.run_script(command, &mut stdout).await?;
+            }
+            for file in &files {
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    HedfError::Invalid(format!("cannot read {}: {e}", file.display()))
+                })?;
+                session.run_script(&text, &mut stdout).await?;
+            }
+            if commands.is_empty() && files.is_empty() {
+                let mut text = String::new();
+                std::io::stdin().read_to_string(&mut text)?;
+                session.run_script(&text, &mut stdout).await?;
             }
             Ok(())
         }
@@ -332,7 +472,7 @@ async fn run(cli: Cli) -> hedf::Result<()> {
         Command::Client {
             command: ClientCommand::Demo { server },
         } => {
-            let login = server.login()?;
+            let login = login(server.user.as_deref())?;
             let login = login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
             hedf::demo::run_remote(&server.url, login, &mut std::io::stdout().lock()).await
         }
@@ -348,12 +488,25 @@ async fn run(cli: Cli) -> hedf::Result<()> {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    match run(Cli::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(Cli::parse()));
+    // A cancelled query whose operators never yield may still hold a worker: do not wait.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(HedfError::Cancelled) => {
+            eprintln!("error: query cancelled");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("error: {}", e.user_message());
             ExitCode::FAILURE
         }
     }

@@ -27,7 +27,8 @@ use crate::flight::{ABORT_UPLOAD, WINDOW_BYTES};
 /// Largest message the client accepts; results carry 32 KiB per encrypted sum.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// A connection to a hedf Flight SQL server.
+/// A connection to a hedf Flight SQL server. Clones share the channel and the login.
+#[derive(Clone)]
 pub struct Remote {
     client: FlightSqlServiceClient<Channel>,
 }

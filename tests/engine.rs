@@ -555,7 +555,7 @@ async fn csv_and_parquet_files_encrypt_into_tables_that_sum_exactly() {
     )
     .unwrap_err();
     assert!(
-        err.to_string().contains("column v, row 1")
+        err.to_string().contains("column v, data row 2")
             && err.to_string().contains("more than 1 decimal"),
         "{err}"
     );

@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,51 +26,31 @@ use hedf::HedfError;
 const ALICE: (&str, &str) = ("alice", "alice-secret");
 const BOB: (&str, &str) = ("bob", "bob-secret");
 
-/// A `hedf serve` child process; killed on drop.
-struct Server {
-    child: Child,
-    url: String,
+/// A `hedf serve` child process for alice and bob; killed on drop.
+struct Server(common::Server);
+
+impl std::ops::Deref for Server {
+    type Target = common::Server;
+    fn deref(&self) -> &common::Server {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut common::Server {
+        &mut self.0
+    }
 }
 
 impl Server {
     fn start(dir: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hedf"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir)
-            .args(["--user", "alice:alice-secret", "--user", "bob:bob-secret"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .split_whitespace()
-            .nth(4)
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .trim_end_matches(',');
-        Server {
-            url: format!("http://{addr}"),
-            child,
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut args = vec!["--user", "alice:alice-secret", "--user", "bob:bob-secret"];
+        args.extend(extra);
+        Server(common::Server::start(dir, &args))
     }
 
     async fn connect(&self, login: (&str, &str)) -> Remote {
         Remote::connect(&self.url, Some(login)).await.unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -463,7 +441,7 @@ async fn append_replace_interrupted_upload_and_restart() {
     let stored = dir.path().join("population.parquet");
     let input = dir.path().join("population.csv");
     std::fs::write(&input, hedf::demo::POPULATION_CSV).unwrap();
-    hedf::ingest::encrypt_to_parquet(key(), &input, &measures(), &stored).unwrap();
+    hedf::ingest::encrypt_to_parquet(key(), &input, &measures(), &stored, &mut |_| {}).unwrap();
     let (stored_schema, batches) = hedf::ingest::read_encrypted(&stored).unwrap();
     let rows = alice
         .upload(

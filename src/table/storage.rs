@@ -493,9 +493,12 @@ impl SegmentWriter {
         let writer = self.writer.take().expect("finish runs once");
         writer.into_inner()?.sync_all()?;
         std::fs::rename(&self.tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
+        // A bare file name's parent is "", the current folder.
+        let dir = match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        File::open(dir)?.sync_all()?;
         Ok(self.rows)
     }
 }

@@ -1,0 +1,80 @@
+//! Where the REPL's SQL runs: a local data folder (the embedded engine, no server) or a hedf
+//! Flight SQL server. Both return ciphertext results; decryption is the session's job.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use futures::future::BoxFuture;
+
+use crate::catalog::{Catalog, Tenant};
+use crate::error::Result;
+use crate::remote::Remote;
+use crate::statement;
+
+/// The tenant a local folder is opened as when no user is named: the one a server started
+/// with `--insecure-no-auth` uses.
+pub const LOCAL_USER: &str = "anonymous";
+
+pub enum Connection {
+    Local { tenant: Arc<Tenant>, label: String },
+    Remote { remote: Box<Remote>, label: String },
+}
+
+impl Connection {
+    /// `user`'s tables in a server data folder, read and changed in this process.
+    pub fn local(data_dir: &Path, user: Option<&str>) -> Result<Self> {
+        let user = user.unwrap_or(LOCAL_USER);
+        let tenant = Catalog::open(data_dir)?.tenant(user)?;
+        Ok(Connection::Local {
+            tenant,
+            label: format!("{} (user {user})", data_dir.display()),
+        })
+    }
+
+    /// A server at `url`, logged in as `login`'s user if given.
+    pub async fn remote(url: &str, login: Option<(&str, &str)>) -> Result<Self> {
+        let remote = Box::new(Remote::connect(url, login).await?);
+        let label = match login {
+            Some((user, _)) => format!("{url} as {user}"),
+            None => url.to_string(),
+        };
+        Ok(Connection::Remote { remote, label })
+    }
+
+    /// Where this connection goes, for a banner.
+    pub fn label(&self) -> &str {
+        match self {
+            Connection::Local { label, .. } | Connection::Remote { label, .. } => label,
+        }
+    }
+
+    /// Runs one statement as its own task-ready future (it owns what it uses); a
+    /// `DROP TABLE` returns an empty schema.
+    pub fn query(&self, sql: &str) -> BoxFuture<'static, Result<(SchemaRef, Vec<RecordBatch>)>> {
+        let sql = sql.to_string();
+        match self {
+            Connection::Local { tenant, .. } => {
+                let tenant = tenant.clone();
+                Box::pin(async move { statement::run(&tenant, &sql).await })
+            }
+            Connection::Remote { remote, .. } => {
+                let mut remote = remote.as_ref().clone();
+                Box::pin(async move { remote.query(&sql).await })
+            }
+        }
+    }
+
+    /// The tables and their schemas (with hedf's column metadata).
+    pub async fn tables(&mut self) -> Result<Vec<(String, SchemaRef)>> {
+        match self {
+            Connection::Local { tenant, .. } => Ok(tenant
+                .snapshot()
+                .iter()
+                .map(|(name, version)| (name.clone(), version.schema()))
+                .collect()),
+            Connection::Remote { remote, .. } => remote.tables().await,
+        }
+    }
+}

@@ -20,9 +20,10 @@ use tfhe::core_crypto::seeders::new_seeder;
 use crate::cell::{write_cell, CellRef, ColumnCrypto, SumRef, KIND_CELL, KIND_SUM};
 use crate::encoding::{parse_decimal, MeasureSpec, MAX_PRECISION};
 use crate::error::{HedfError, Result};
+use crate::glwe::{ChunkEncryptor, FourierKey};
 use crate::keys::{ClientKey, KeyId};
-use crate::mask::{chunk_compression_seed, MaskGenerator};
-use crate::params::{GLWE_DIMENSION, LOG2_DELTA, NOISE_STD_DEV, PLAINTEXT_BITS, POLYNOMIAL_SIZE};
+use crate::mask::MaskGenerator;
+use crate::params::{GLWE_DIMENSION, LOG2_DELTA, PLAINTEXT_BITS, POLYNOMIAL_SIZE};
 
 /// A measure column to encrypt: its name, decimal scale and (optionally) declared precision.
 #[derive(Clone, Debug)]
@@ -58,18 +59,19 @@ enum Plan {
 }
 
 /// Encrypts a stream of batches of one schema as one segment (one fresh seed per measure limb).
-pub struct Encryptor<'k> {
-    key: &'k ClientKey,
+pub struct Encryptor {
     schema: SchemaRef,
     plans: Vec<Plan>,
+    /// The key in tfhe's Fourier domain, for the chunks' mask-times-key products.
+    fourier: FourierKey,
     next_chunk: u64,
     /// Rows encrypted so far, so errors name a row of the whole input.
     rows: usize,
 }
 
-impl<'k> Encryptor<'k> {
+impl Encryptor {
     /// `measures` must all have a precision; see [`encrypt_batches`] to infer it from data.
-    pub fn new(key: &'k ClientKey, input: &Schema, measures: &[MeasureColumn]) -> Result<Self> {
+    pub fn new(key: &ClientKey, input: &Schema, measures: &[MeasureColumn]) -> Result<Self> {
         let mut seeder = new_seeder();
         let mut plans: Vec<Plan> = input.fields().iter().map(|_| Plan::Plain).collect();
         let mut fields: Vec<Field> = input.fields().iter().map(|f| f.as_ref().clone()).collect();
@@ -98,9 +100,9 @@ impl<'k> Encryptor<'k> {
             plans[idx] = Plan::Measure { crypto, seeds };
         }
         Ok(Encryptor {
-            key,
             schema: Arc::new(Schema::new(fields)),
             plans,
+            fourier: FourierKey::new(key.bits()),
             next_chunk: 0,
             rows: 0,
         })
@@ -137,7 +139,7 @@ impl<'k> Encryptor<'k> {
                         ),
                     });
                 }
-                Ok(Arc::new(encrypt_column(self.key, crypto, seeds, &values, first_chunk)) as ArrayRef)
+                Ok(Arc::new(encrypt_column(&self.fourier, crypto, seeds, &values, first_chunk)) as ArrayRef)
             })
             .collect::<Result<Vec<_>>>()?;
         self.next_chunk += batch.num_rows().div_ceil(POLYNOMIAL_SIZE) as u64;
@@ -313,7 +315,7 @@ fn fixed_point_values(
 
 /// Encrypts one column: per limb, each chunk of N rows is one seeded GLWE ciphertext.
 fn encrypt_column(
-    key: &ClientKey,
+    fourier: &FourierKey,
     crypto: &ColumnCrypto,
     seeds: &[u128],
     values: &[Option<i64>],
@@ -324,35 +326,20 @@ fn encrypt_column(
     for (v, out) in values.iter().zip(limb_values.chunks_exact_mut(limbs)) {
         crypto.spec.split(v.unwrap_or(0), out);
     }
-    let noise = DynamicDistribution::new_gaussian_from_std_dev(StandardDev(NOISE_STD_DEV));
     let mut bodies = vec![0u64; values.len() * limbs];
     for (limb, &seed) in seeds.iter().enumerate() {
         let mut limb_bodies = vec![0u64; values.len()];
         limb_bodies
             .par_chunks_mut(POLYNOMIAL_SIZE)
             .enumerate()
-            .for_each(|(c, out)| {
-                let mut plaintexts = PlaintextList::new(0u64, PlaintextCount(POLYNOMIAL_SIZE));
-                for (j, p) in plaintexts.as_mut().iter_mut().take(out.len()).enumerate() {
-                    let v = limb_values[(c * POLYNOMIAL_SIZE + j) * limbs + limb];
-                    *p = (v as u64).wrapping_shl(LOG2_DELTA);
-                }
-                let mut ct = SeededGlweCiphertext::new(
-                    0u64,
-                    GlweSize(GLWE_DIMENSION + 1),
-                    PolynomialSize(POLYNOMIAL_SIZE),
-                    chunk_compression_seed(seed, first_chunk + c as u64),
-                    CiphertextModulus::new_native(),
-                );
-                encrypt_seeded_glwe_ciphertext(
-                    key.glwe(),
-                    &mut ct,
-                    &plaintexts,
-                    noise,
-                    &mut *new_seeder(),
-                );
-                out.copy_from_slice(&ct.as_ref()[..out.len()]);
-            });
+            .for_each_init(
+                || ChunkEncryptor::new(fourier),
+                |encryptor, (c, out)| {
+                    let values = (0..out.len())
+                        .map(|j| limb_values[(c * POLYNOMIAL_SIZE + j) * limbs + limb]);
+                    encryptor.encrypt(seed, first_chunk + c as u64, values, out);
+                },
+            );
         for (r, b) in limb_bodies.into_iter().enumerate() {
             bodies[r * limbs + limb] = b;
         }

@@ -4,7 +4,7 @@
 //!
 //! * Client side (tfhe + arrow only, no engine): [`keys`] holds the secret key, [`encoding`]
 //!   turns decimals into fixed-point limbs, [`client`] encrypts Arrow batches into cell columns
-//!   and decrypts results. [`params`] names the tfhe parameter set and derives the exact-sum
+//!   and decrypts results ([`glwe`] encrypts one chunk). [`params`] names the tfhe parameter set and derives the exact-sum
 //!   budget; [`cell`] defines the byte layouts; [`mask`] regenerates public masks from seeds.
 //! * Server side (feature `engine`, DataFusion): [`table`] stores encrypted tables as Parquet
 //!   and serves them as a `TableProvider`; [`udaf`] is `he_sum`, adding ciphertexts without any
@@ -26,6 +26,7 @@ pub mod cell;
 pub mod client;
 pub mod encoding;
 pub mod error;
+pub mod glwe;
 pub mod keys;
 pub mod mask;
 pub mod params;

@@ -3,7 +3,8 @@
 //! A column segment draws one 128-bit seed per limb from tfhe's seeder. Chunk `c` (rows
 //! `c*N .. (c+1)*N`) is a seeded GLWE ciphertext whose mask is the AES-CTR stream of that seed
 //! from byte `c * N * 8` on: consecutive, non-overlapping windows of one stream, so no mask is
-//! ever used twice. Both encryption and regeneration go through tfhe's own seeded-GLWE code.
+//! ever used twice. The stream comes from tfhe's own seeded-GLWE decompression, both when a
+//! chunk is encrypted ([`crate::glwe`]) and whenever its mask is needed again.
 
 use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
 use tfhe::core_crypto::prelude::*;

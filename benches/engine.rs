@@ -1,9 +1,9 @@
 //! Side-by-side benchmark: he_sum on encrypted Parquet vs SUM on plaintext Parquet, same rows,
 //! same queries, same session settings. Prints a table; numbers are medians of several runs.
 //!
-//! cargo bench --bench engine                 (10^6 rows)
-//! HEDF_BENCH_ROWS=100000 cargo bench --bench engine
-//! HEDF_BENCH_PARTITIONS=1 cargo bench --bench engine
+//! cargo bench --bench engine                                  (10^6 rows, 2 partitions)
+//! HEDF_BENCH_ROWS=100000,1000000,10000000 cargo bench --bench engine  (sizes in one run)
+//! HEDF_BENCH_PARTITIONS=1,2 cargo bench --bench engine          (target_partitions 1 vs 2)
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,14 +20,19 @@ const MEASURES: [&str; 5] = ["m1", "m2", "m3", "m4", "m5"];
 const BATCH: usize = 65_536;
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    env_list(name, default)[0]
 }
 
-/// Rows sorted by (area, age): 76 clustered groups; `rnd` is an unclustered 76-way key and
-/// `sel` a 100-way filter key. Generated one batch at a time, deterministically.
+/// A comma-separated list of numbers, e.g. `HEDF_BENCH_ROWS=100000,1000000`.
+fn env_list(name: &str, default: usize) -> Vec<usize> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.split(',').map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![default])
+}
+
+/// Rows sorted by (area, age): 76 clustered groups; `rnd2`, `rnd` and `rnd10k` are unclustered
+/// 2-, 76- and 10^4-way keys and `sel` a 100-way filter key. Generated one batch at a time, deterministically.
 fn batches(rows: usize) -> impl Iterator<Item = RecordBatch> {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
@@ -51,11 +56,17 @@ fn batches(rows: usize) -> impl Iterator<Item = RecordBatch> {
         let sel: StringArray = (0..len)
             .map(|_| Some(format!("s{:02}", next() % 100)))
             .collect();
+        let rnd2: StringArray = (0..len).map(|_| Some(format!("h{}", next() % 2))).collect();
+        let rnd10k: StringArray = (0..len)
+            .map(|_| Some(format!("k{:04}", next() % 10_000)))
+            .collect();
         let mut columns: Vec<(&str, ArrayRef)> = vec![
             ("area", Arc::new(area)),
             ("age", Arc::new(age)),
             ("rnd", Arc::new(rnd)),
             ("sel", Arc::new(sel)),
+            ("rnd2", Arc::new(rnd2)),
+            ("rnd10k", Arc::new(rnd10k)),
         ];
         for m in MEASURES {
             let values =
@@ -123,11 +134,20 @@ async fn time_query(ctx: &SessionContext, sql: &str, runs: usize) -> (Duration, 
 
 #[tokio::main]
 async fn main() {
-    let rows = env("HEDF_BENCH_ROWS", 1_000_000);
-    let partitions = env("HEDF_BENCH_PARTITIONS", 2);
     let runs = env("HEDF_BENCH_RUNS", 5);
+    for rows in env_list("HEDF_BENCH_ROWS", 1_000_000) {
+        bench(rows, &env_list("HEDF_BENCH_PARTITIONS", 2), runs).await;
+    }
+}
+
+/// One table size: encryption, storage, then every query at each partition count.
+async fn bench(rows: usize, partition_counts: &[usize], runs: usize) {
     let dir = tempfile::tempdir().unwrap();
-    println!("hedf benchmark: {rows} rows x {} measures, target_partitions {partitions}, {} cores, median of {runs}", MEASURES.len(), std::thread::available_parallelism().unwrap());
+    println!(
+        "\nhedf benchmark: {rows} rows x {} measures, target_partitions {partition_counts:?}, {} cores, median of {runs}",
+        MEASURES.len(),
+        std::thread::available_parallelism().unwrap()
+    );
 
     let key = ClientKey::generate();
     let measures: Vec<MeasureColumn> = MEASURES
@@ -157,7 +177,7 @@ async fn main() {
     let dims_only = dir.path().join("dims");
     write_plain(
         &dims_only,
-        batches(rows).map(|b| b.project(&[0, 1, 2, 3]).unwrap()),
+        batches(rows).map(|b| b.project(&[0, 1, 2, 3, 4, 5]).unwrap()),
     );
     reset_peak_rss();
     let (enc_size, plain_size, dims_size) = (
@@ -173,16 +193,24 @@ async fn main() {
         (plain_size - dims_size) as f64 / values as f64
     );
 
+    for &partitions in partition_counts {
+        run_queries(&key, dir.path(), rows, partitions, runs).await;
+    }
+}
+
+async fn run_queries(key: &ClientKey, dir: &Path, rows: usize, partitions: usize, runs: usize) {
+    let values = rows * MEASURES.len();
+    println!("target_partitions {partitions}:");
     let config = SessionConfig::new().with_target_partitions(partitions);
     let ctx = hedf::session::new_context_with_config(config);
     ctx.register_table(
         "enc",
-        Arc::new(EncryptedTable::open(&dir.path().join("enc")).unwrap()),
+        Arc::new(EncryptedTable::open(&dir.join("enc")).unwrap()),
     )
     .unwrap();
     ctx.register_parquet(
         "plain",
-        dir.path().join("plain").to_str().unwrap(),
+        dir.join("plain").to_str().unwrap(),
         ParquetReadOptions::default(),
     )
     .await
@@ -195,7 +223,13 @@ async fn main() {
             "",
         ),
         ("clustered GROUP BY area (4 groups)", "GROUP BY area", ""),
+        ("random GROUP BY rnd2 (2 groups)", "GROUP BY rnd2", ""),
         ("random GROUP BY rnd (76 groups)", "GROUP BY rnd", ""),
+        (
+            "random GROUP BY rnd10k (10^4 groups)",
+            "GROUP BY rnd10k",
+            "",
+        ),
         (
             "WHERE sel = 's07' (1%), GROUP BY area",
             "GROUP BY area",
@@ -232,7 +266,7 @@ async fn main() {
         let start = Instant::now();
         let decrypted: usize = result
             .iter()
-            .map(|b| decrypt_batch(&key, b).unwrap().num_rows())
+            .map(|b| decrypt_batch(key, b).unwrap().num_rows())
             .sum();
         let per_value = start.elapsed() / (decrypted * MEASURES.len()) as u32;
         println!(

@@ -61,6 +61,10 @@ enum Command {
         /// Default: per column, the most decimal places any of its values has.
         #[arg(long)]
         scale: Option<i8>,
+        /// Total digits of the measures, DECIMAL(precision, scale). With --scale it spares the
+        /// pass over the file that otherwise finds the largest value.
+        #[arg(long, requires = "scale")]
+        precision: Option<u8>,
         /// Output `.parquet` file.
         #[arg(long)]
         out: PathBuf,
@@ -297,12 +301,19 @@ async fn run(cli: Cli) -> hedf::Result<()> {
             key,
             measures,
             scale,
+            precision,
             out,
         } => {
             let key = load_key(&key)?;
             let started = Instant::now();
             let scanning = progress(None, "scanning");
-            let measures = hedf::ingest::resolve_measures(&input, measures.as_deref(), scale)?;
+            let mut measures = hedf::ingest::resolve_measures(&input, measures.as_deref(), scale)?;
+            if let Some(precision) = precision {
+                measures = measures
+                    .into_iter()
+                    .map(|m| m.with_precision(precision))
+                    .collect();
+            }
             scanning.finish_and_clear();
             let bar = progress(hedf::ingest::parquet_rows(&input), "encrypting");
             let rows =

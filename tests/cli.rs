@@ -302,6 +302,17 @@ fn encrypt_refuses_values_with_more_decimals_than_the_scale() {
         "{err}"
     );
     assert!(!out.exists(), "a failed encryption left {}", out.display());
+    // A declared precision spares the scan; a value beyond it (1.50 > 0.99) is refused.
+    let err = failure(&mut encrypt(
+        &input,
+        &keys,
+        &["--measures", "v", "--scale", "2", "--precision", "2"],
+        &out,
+    ));
+    assert!(
+        err.contains("column v, data row 1") && err.contains("declared precision"),
+        "{err}"
+    );
     // Inferred, the scale is 2 and the same file encrypts.
     encrypt(&input, &keys, &[], &out).assert().success();
     let missing = failure(&mut encrypt(Path::new("nowhere.csv"), &keys, &[], &out));

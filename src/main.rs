@@ -7,14 +7,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use hedf::catalog::{Catalog, IngestMode};
+use hedf::catalog::IngestMode;
 use hedf::client::decrypt_batch;
 use hedf::display::Format;
 use hedf::flight::auth::{hash_password, Users};
 use hedf::flight::ServerConfig;
 use hedf::keys::ClientKey;
-use hedf::remote::Remote;
-use hedf::repl::{history_path, Connection, Session, LOCAL_USER};
+use hedf::repl::{history_path, Connection, Session};
 use hedf::HedfError;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -258,24 +257,6 @@ fn load_key(dir: &Path) -> hedf::Result<ClientKey> {
     ClientKey::load(&dir.join("client.key"))
 }
 
-/// Bulk ingest into a local data folder, as the server does it: the table changes only once
-/// every batch is written.
-fn upload_local(
-    target: &Target,
-    table: &str,
-    mode: IngestMode,
-    schema: &arrow::datatypes::Schema,
-    batches: impl Iterator<Item = hedf::Result<arrow::record_batch::RecordBatch>>,
-) -> hedf::Result<i64> {
-    let tenant =
-        Catalog::open(&target.data_dir())?.tenant(target.user.as_deref().unwrap_or(LOCAL_USER))?;
-    let mut upload = tenant.begin_upload(table, mode, schema)?;
-    for batch in batches {
-        upload.write(&batch?)?;
-    }
-    Ok(upload.commit()? as i64)
-}
-
 async fn run(cli: Cli) -> hedf::Result<()> {
     match cli.command {
         Command::Demo { data_dir } => {
@@ -347,6 +328,8 @@ async fn run(cli: Cli) -> hedf::Result<()> {
                 Mode::Append => IngestMode::APPEND,
                 Mode::Replace => IngestMode::REPLACE,
             };
+            // Connect (and ask for a password) before the progress bar draws.
+            let mut connection = target.connect().await?;
             let started = Instant::now();
             let bar = progress(hedf::ingest::parquet_rows(&file), "uploading");
             let counted = {
@@ -357,18 +340,7 @@ async fn run(cli: Cli) -> hedf::Result<()> {
                     }
                 })
             };
-            let rows = match &target.server {
-                Some(url) => {
-                    let login = login(target.user.as_deref())?;
-                    let mut remote =
-                        Remote::connect(url, login.as_ref().map(|(u, p)| (u.as_str(), p.as_str())))
-                            .await?;
-                    remote
-                        .upload(&table, mode, schema, futures::stream::iter(counted))
-                        .await
-                }
-                None => upload_local(&target, &table, mode, &schema, counted),
-            };
+            let rows = connection.upload(&table, mode, schema, counted).await;
             bar.finish_and_clear();
             let rows = rows?;
             eprintln!(

@@ -8,7 +8,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use futures::future::BoxFuture;
 
-use crate::catalog::{Catalog, Tenant};
+use crate::catalog::{Catalog, IngestMode, Tenant};
 use crate::error::Result;
 use crate::remote::Remote;
 use crate::statement;
@@ -62,6 +62,31 @@ impl Connection {
             Connection::Remote { remote, .. } => {
                 let mut remote = remote.as_ref().clone();
                 Box::pin(async move { remote.query(&sql).await })
+            }
+        }
+    }
+
+    /// Bulk ingest of encrypted batches into `table`; returns the rows committed. Locally it
+    /// takes the server's own atomic path: the table changes only once every batch is written.
+    pub async fn upload(
+        &mut self,
+        table: &str,
+        mode: IngestMode,
+        schema: SchemaRef,
+        batches: impl Iterator<Item = Result<RecordBatch>> + Send + 'static,
+    ) -> Result<i64> {
+        match self {
+            Connection::Local { tenant, .. } => {
+                let mut upload = tenant.begin_upload(table, mode, &schema)?;
+                for batch in batches {
+                    upload.write(&batch?)?;
+                }
+                Ok(upload.commit()? as i64)
+            }
+            Connection::Remote { remote, .. } => {
+                remote
+                    .upload(table, mode, schema, futures::stream::iter(batches))
+                    .await
             }
         }
     }

@@ -11,7 +11,7 @@ use arrow::array::{ArrayRef, Decimal128Array, RecordBatch, StringArray};
 use arrow::datatypes::SchemaRef;
 use arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
 use arrow::ipc::CompressionType;
-use hedf::catalog::IngestMode;
+use hedf::catalog::{IngestMode, UploadOptions};
 use hedf::client::{decrypt_batch, encrypt_batches, MeasureColumn};
 use hedf::demo::{aggregation_sql, population, YEARS};
 use hedf::flight::ServerConfig;
@@ -109,6 +109,7 @@ async fn main() {
         .upload(
             "population",
             IngestMode::CREATE,
+            UploadOptions::default(),
             schema,
             futures::stream::iter(batches),
         )
@@ -170,6 +171,7 @@ async fn main() {
             .upload(
                 &format!("t{run}"),
                 IngestMode::CREATE,
+                UploadOptions::default(),
                 schema.clone(),
                 futures::stream::iter(batches),
             )

@@ -1,28 +1,33 @@
 //! The server's store of encrypted tables: one folder per tenant holding immutable Parquet
-//! segments and a manifest naming each table's segments.
+//! segments and a manifest naming each table's segments with their row counts and sizes.
 //!
 //! Every change writes its new segment first (temporary file, fsync, rename), then replaces the
 //! manifest the same way. A crash, `kill -9` or dropped upload therefore leaves either the old
-//! manifest or the new one, never a partial table; segments no manifest names are leftovers and
+//! manifest or the new one, never a partial table; files no manifest names are leftovers and
 //! are deleted when the tenant is next loaded. Segments a change retires are deleted once the
 //! last query reading them finishes (they are reference counted).
+//!
+//! A table whose segment was lost, cut short or replaced under the server is *damaged*: queries
+//! on it fail with an error naming it, while the tenant's other tables work, before and after a
+//! restart. Dropping or replacing the table repairs it. Folders are private to the server's OS
+//! user (0700, files 0600).
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::datatypes::{DataType, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::TableProvider;
 
 use crate::error::{HedfError, Result};
-use crate::table::{EncryptedTable, SegmentWriter, StorageLayout};
+use crate::session::tenant_store_url;
+use crate::table::{EncryptedTable, SegmentFile, SegmentStore, SegmentWriter, StorageLayout};
 
 const MANIFEST: &str = "manifest";
-const MANIFEST_HEADER: &str = "hedf-manifest 1";
+const MANIFEST_HEADER: &str = "hedf-manifest 2";
 
 /// What an upload does when its table is missing or already there (Flight SQL's
 /// `TableDefinitionOptions`).
@@ -62,6 +67,14 @@ impl IngestMode {
     }
 }
 
+/// What an upload may contain beyond the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UploadOptions {
+    /// Accept a table without any encrypted column (every value stored in clear). Off unless
+    /// the user says so: a file that was never encrypted is a mistake far more often than not.
+    pub allow_plaintext: bool,
+}
+
 /// All tenants' tables under one data folder.
 pub struct Catalog {
     root: PathBuf,
@@ -70,7 +83,11 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn open(root: &Path) -> Result<Self> {
-        std::fs::create_dir_all(root.join("tenants"))?;
+        create_private_dir(root)?;
+        let tenants = root.join("tenants");
+        create_private_dir(&tenants)?;
+        // Whatever the root's mode, nothing below `tenants` is reachable by other users.
+        set_mode(&tenants, 0o700)?;
         Ok(Catalog {
             root: root.to_path_buf(),
             tenants: Mutex::new(HashMap::new()),
@@ -93,14 +110,27 @@ impl Catalog {
 /// One immutable Parquet file of a table; deleted on drop once a change has retired it.
 #[derive(Debug)]
 struct Segment {
-    path: PathBuf,
+    file: SegmentFile,
     retired: AtomicBool,
+}
+
+impl Segment {
+    fn new(file: SegmentFile) -> Arc<Self> {
+        Arc::new(Segment {
+            file,
+            retired: AtomicBool::new(false),
+        })
+    }
+
+    fn name(&self) -> &str {
+        self.file.location.as_ref()
+    }
 }
 
 impl Drop for Segment {
     fn drop(&mut self) {
         if self.retired.load(Ordering::Acquire) {
-            let _ = std::fs::remove_file(&self.path);
+            let _ = std::fs::remove_file(&self.file.local);
         }
     }
 }
@@ -108,30 +138,60 @@ impl Drop for Segment {
 /// One committed state of a table. Queries hold it while they run, which keeps its files.
 #[derive(Debug)]
 pub struct TableVersion {
-    table: Arc<EncryptedTable>,
+    name: String,
     segments: Vec<Arc<Segment>>,
+    /// The readable table, or why it is damaged.
+    table: std::result::Result<Arc<EncryptedTable>, String>,
 }
 
 impl TableVersion {
-    fn open(segments: Vec<Arc<Segment>>) -> Result<Self> {
-        let files: Vec<PathBuf> = segments.iter().map(|s| s.path.clone()).collect();
-        Ok(TableVersion {
-            table: Arc::new(EncryptedTable::from_files(&files)?),
+    /// Opens the table's segments; a damaged table is recorded as such, not an error.
+    fn open(name: &str, segments: Vec<Arc<Segment>>) -> Self {
+        let files = segments.iter().map(|s| s.file.clone()).collect();
+        let table = EncryptedTable::from_segments(name, tenant_store_url(), files)
+            .map(Arc::new)
+            .map_err(|e| match e {
+                HedfError::Damaged { why, .. } => why,
+                other => other.user_message(),
+            });
+        if let Err(why) = &table {
+            tracing::warn!(table = name, %why, "damaged table");
+        }
+        TableVersion {
+            name: name.to_string(),
             segments,
+            table,
+        }
+    }
+
+    /// The readable table, or the error saying it is damaged.
+    pub fn table(&self) -> Result<&Arc<EncryptedTable>> {
+        self.table.as_ref().map_err(|why| HedfError::Damaged {
+            table: self.name.clone(),
+            why: why.clone(),
         })
     }
 
-    pub fn provider(&self) -> Arc<dyn TableProvider> {
-        self.table.clone()
+    pub fn provider(&self) -> Result<Arc<dyn TableProvider>> {
+        Ok(self.table()?.clone())
     }
 
-    pub fn rows(&self) -> u64 {
-        self.table.rows()
+    pub fn rows(&self) -> Result<u64> {
+        Ok(self.table()?.rows())
     }
 
-    /// The schema queries see: plaintext columns and ciphertext cells with their metadata.
+    /// The schema queries see (plaintext columns and ciphertext cells with their metadata);
+    /// empty for a damaged table.
     pub fn schema(&self) -> SchemaRef {
-        self.table.schema()
+        match &self.table {
+            Ok(table) => table.schema(),
+            Err(_) => Arc::new(Schema::empty()),
+        }
+    }
+
+    /// The segment names a query of this table reads.
+    fn locations(&self) -> impl Iterator<Item = object_store::path::Path> + '_ {
+        self.segments.iter().map(|s| s.file.location.clone())
     }
 }
 
@@ -147,32 +207,24 @@ pub struct Tenant {
 
 impl Tenant {
     fn load(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        create_private_dir(dir)?;
+        set_mode(dir, 0o700)?;
         let mut tables = Tables::new();
         let manifest = dir.join(MANIFEST);
-        if manifest.exists() {
+        if manifest.is_file() {
             let text = std::fs::read_to_string(&manifest)?;
             let mut lines = text.lines();
             if lines.next() != Some(MANIFEST_HEADER) {
                 return Err(HedfError::Malformed(format!(
-                    "{} is not a hedf manifest",
+                    "{} is not a hedf manifest (expected {MANIFEST_HEADER:?})",
                     manifest.display()
                 )));
             }
             for line in lines.filter(|l| !l.is_empty()) {
-                let (name, files) = line.split_once('\t').ok_or_else(|| {
-                    HedfError::Malformed(format!("bad line in {}", manifest.display()))
+                let (name, segments) = parse_entry(dir, line).map_err(|why| {
+                    HedfError::Malformed(format!("{}: {why}: {line:?}", manifest.display()))
                 })?;
-                let segments = files
-                    .split(' ')
-                    .map(|f| {
-                        Arc::new(Segment {
-                            path: dir.join(f),
-                            retired: AtomicBool::new(false),
-                        })
-                    })
-                    .collect();
-                tables.insert(name.to_string(), Arc::new(TableVersion::open(segments)?));
+                tables.insert(name.clone(), Arc::new(TableVersion::open(&name, segments)));
             }
         }
         let tenant = Tenant {
@@ -180,26 +232,37 @@ impl Tenant {
             tables: RwLock::new(Arc::new(tables)),
             commit: Mutex::new(()),
         };
-        tenant.remove_leftovers()?;
+        tenant.remove_leftovers();
         Ok(tenant)
     }
 
-    /// Deletes files no table names: segments of uploads that never committed.
-    fn remove_leftovers(&self) -> Result<()> {
+    /// Deletes files no table names: segments and manifests of changes that never committed.
+    /// Anything else (a folder, a file it cannot delete) is left alone and logged: it must not
+    /// stop the tenant's tables from loading.
+    fn remove_leftovers(&self) {
         let tables = self.snapshot();
         let live: Vec<&Path> = tables
             .values()
-            .flat_map(|v| v.segments.iter().map(|s| s.path.as_path()))
+            .flat_map(|v| v.segments.iter().map(|s| s.file.local.as_path()))
             .collect();
-        for entry in std::fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let data = name.ends_with(".parquet") || name.ends_with(".tmp");
-            if data && !live.contains(&path.as_path()) {
-                std::fs::remove_file(&path)?;
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = name.ends_with(".parquet") || name.starts_with(".tmp");
+            if !ours || live.contains(&path.as_path()) {
+                continue;
+            }
+            let removed = match entry.file_type() {
+                Ok(t) if t.is_file() => std::fs::remove_file(&path),
+                _ => Err(std::io::Error::other("not a regular file")),
+            };
+            if let Err(e) = removed {
+                tracing::warn!(path = %path.display(), error = %e, "left a stray entry in place");
             }
         }
-        Ok(())
     }
 
     /// The tables as of now; unaffected by later changes.
@@ -214,20 +277,37 @@ impl Tenant {
             .ok_or_else(|| HedfError::NoSuchTable(name.to_string()))
     }
 
+    /// The read-only object store a query over `tables` reads through: their segments only.
+    pub fn store<'a>(
+        &self,
+        tables: impl IntoIterator<Item = &'a TableVersion>,
+    ) -> Result<Arc<SegmentStore>> {
+        let locations: Vec<_> = tables.into_iter().flat_map(|t| t.locations()).collect();
+        SegmentStore::new(&self.dir, locations).map_err(|e| HedfError::Io(std::io::Error::other(e)))
+    }
+
     /// Starts an upload into `name`: checks the mode and the uploaded schema now, so a bad
     /// upload fails before any data is sent; the table changes only at [`Upload::commit`].
     pub fn begin_upload(
         self: &Arc<Self>,
         name: &str,
         mode: IngestMode,
+        options: UploadOptions,
         schema: &Schema,
     ) -> Result<Upload> {
         check_name("table", name, "")?;
         let (layout, format) = StorageLayout::from_upload(schema)?;
+        if layout.key_id.is_none() && !options.allow_plaintext {
+            return Err(HedfError::Invalid(format!(
+                "refusing to store table {name}: it has no encrypted column, so every value would \
+                 be stored in clear. Encrypt its measures first (hedf encrypt), or say that a \
+                 plaintext table is intended (hedf upload --allow-plaintext)"
+            )));
+        }
         let current = self.snapshot().get(name).cloned();
         mode.check(name, current.is_some())?;
         if let (Some(current), IfExists::Append) = (&current, mode.if_exists) {
-            current.table.layout().check_compatible(&layout)?;
+            current.table()?.layout().check_compatible(&layout)?;
         }
         let path = self
             .dir
@@ -242,7 +322,7 @@ impl Tenant {
         })
     }
 
-    /// Removes a table; its files go once no running query reads them.
+    /// Removes a table (damaged or not); its files go once no running query reads them.
     pub fn drop_table(&self, name: &str, if_exists: bool) -> Result<bool> {
         let _commit = self.commit.lock().expect("commit lock");
         let mut tables = (*self.snapshot()).clone();
@@ -258,26 +338,58 @@ impl Tenant {
         Ok(true)
     }
 
-    /// Writes the manifest for `tables` atomically, then makes it the current state.
+    /// Writes the manifest for `tables` atomically, then makes it the current state. The
+    /// temporary file has a fresh random name opened exclusively, so nothing can be planted in
+    /// its place.
     fn publish(&self, tables: Tables) -> Result<()> {
         let mut text = format!("{MANIFEST_HEADER}\n");
         for (name, version) in &tables {
-            let files: Vec<&str> = version
+            let segments: Vec<String> = version
                 .segments
                 .iter()
-                .map(|s| s.path.file_name().and_then(|n| n.to_str()).unwrap_or(""))
+                .map(|s| format!("{}:{}:{}", s.name(), s.file.rows, s.file.bytes))
                 .collect();
-            text += &format!("{name}\t{}\n", files.join(" "));
+            text += &format!("{name}\t{}\n", segments.join(" "));
         }
-        let tmp = self.dir.join(format!("{MANIFEST}.tmp"));
-        let mut file = File::create(&tmp)?;
+        let mut file = tempfile::NamedTempFile::new_in(&self.dir)?;
         file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, self.dir.join(MANIFEST))?;
-        File::open(&self.dir)?.sync_all()?;
+        file.as_file().sync_all()?;
+        file.persist(self.dir.join(MANIFEST))
+            .map_err(|e| HedfError::Io(e.error))?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
         *self.tables.write().expect("tables lock") = Arc::new(tables);
         Ok(())
     }
+}
+
+/// One manifest line: `name<TAB>file:rows:bytes file:rows:bytes ...`.
+fn parse_entry(dir: &Path, line: &str) -> std::result::Result<(String, Vec<Arc<Segment>>), String> {
+    let (name, files) = line.split_once('\t').ok_or("no tab")?;
+    check_name("table", name, "").map_err(|e| e.to_string())?;
+    let segments = files
+        .split(' ')
+        .map(|entry| {
+            let mut parts = entry.split(':');
+            let (Some(file), Some(rows), Some(bytes), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(format!("bad segment entry {entry:?}"));
+            };
+            let valid = file.ends_with(".parquet") && !file.starts_with('.') && !file.contains('/');
+            if !valid {
+                return Err(format!("bad segment file name {file:?}"));
+            }
+            Ok(Segment::new(SegmentFile {
+                location: object_store::path::Path::from(file),
+                local: dir.join(file),
+                rows: rows
+                    .parse()
+                    .map_err(|_| format!("bad row count {rows:?}"))?,
+                bytes: bytes.parse().map_err(|_| format!("bad size {bytes:?}"))?,
+            }))
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    Ok((name.to_string(), segments))
 }
 
 /// Marks the segments of `old` that `kept` does not reuse for deletion.
@@ -315,9 +427,15 @@ impl Upload {
         } = self;
         let layout = writer.layout().clone();
         let rows = writer.finish()?;
-        let segment = Arc::new(Segment {
-            path,
-            retired: AtomicBool::new(false),
+        let file_name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("segment names are UTF-8");
+        let segment = Segment::new(SegmentFile {
+            location: object_store::path::Path::from(file_name),
+            bytes: std::fs::metadata(&path)?.len(),
+            rows: rows as u64,
+            local: path.clone(),
         });
         let result = (|| {
             let _commit = tenant.commit.lock().expect("commit lock");
@@ -327,11 +445,12 @@ impl Upload {
             mode.check(&name, current.is_some())?;
             let mut segments = Vec::new();
             if let (Some(current), IfExists::Append) = (&current, mode.if_exists) {
-                current.table.layout().check_compatible(&layout)?;
+                current.table()?.layout().check_compatible(&layout)?;
                 segments.extend(current.segments.iter().cloned());
             }
             segments.push(segment.clone());
-            let version = TableVersion::open(segments)?;
+            let version = TableVersion::open(&name, segments);
+            version.table()?;
             let kept = version.segments.clone();
             tables.insert(name.clone(), Arc::new(version));
             tenant.publish(tables)?;
@@ -345,6 +464,25 @@ impl Upload {
         }
         result
     }
+}
+
+/// Warnings for an upload's schema: numeric columns that are not encrypted (a measure left in
+/// clear by mistake is the likeliest way to leak one).
+pub fn plaintext_warnings(schema: &Schema) -> Vec<String> {
+    schema
+        .fields()
+        .iter()
+        .filter(|f| !f.metadata().contains_key(crate::cell::META_KIND))
+        .filter(|f| f.data_type().is_numeric() || matches!(f.data_type(), DataType::Decimal128(..)))
+        .filter(|f| !StorageLayout::is_reserved(f.name()))
+        .map(|f| {
+            format!(
+                "column {:?} ({}) is not encrypted: its values are stored in clear",
+                f.name(),
+                f.data_type()
+            )
+        })
+        .collect()
 }
 
 /// Names become file and folder names: a conservative alphabet, no path tricks.
@@ -362,6 +500,24 @@ fn check_name(what: &str, name: &str, extra: &str) -> Result<()> {
             "invalid {what} name {name:?}: use letters, digits and _ (at most 128)"
         )))
     }
+}
+
+/// Creates `dir` (and missing parents) readable by its owner only.
+fn create_private_dir(dir: &Path) -> Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)?;
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    #[cfg(unix)]
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+    Ok(())
 }
 
 fn random_u64() -> Result<u64> {

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use crate::encoding::MeasureSpec;
 use crate::error::{HedfError, Result};
-use crate::keys::KeyId;
+use crate::keys::{ClientKey, KeyId};
 use crate::params::{PARAMS_ID, POLYNOMIAL_SIZE};
 
 /// Field metadata key naming what a binary column holds: [`KIND_CELL`] or [`KIND_SUM`].
@@ -26,6 +26,8 @@ pub const META_SCALE: &str = "hedf.scale";
 pub const META_LIMBS: &str = "hedf.limbs";
 pub const META_LIMB_BITS: &str = "hedf.limb_bits";
 pub const META_LAYOUT: &str = "hedf.layout";
+/// The key holder's tag over the column's public parameters (see [`ColumnMarking`]).
+pub const META_TAG: &str = "hedf.tag";
 pub const KIND_CELL: &str = "cell";
 pub const KIND_SUM: &str = "sum";
 /// Version of the byte layouts described in this module.
@@ -34,6 +36,8 @@ pub const LAYOUT_VERSION: u8 = 1;
 const CELL_HEADER_LEN: usize = 20;
 const SUM_MAGIC: &[u8; 4] = b"HSUM";
 const SUM_HEADER_LEN: usize = 4 + 1 + 1 + 1 + 1 + 1 + 8 + 8;
+/// Domain separation of the tagged message.
+const TAG_DOMAIN: &[u8] = b"hedf column parameters v1";
 
 /// Everything public about an encrypted column: whose key, which parameters, which encoding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,46 +66,142 @@ impl ColumnCrypto {
         h
     }
 
-    /// Field metadata marking a column of this crypto as `kind` (cell or sum).
-    pub fn metadata(&self, kind: &str) -> HashMap<String, String> {
+    /// What a column's tag vouches for: key id, parameter set, layout and encoding.
+    fn tag_message(&self) -> Vec<u8> {
+        [TAG_DOMAIN, &self.header(), &[LAYOUT_VERSION]].concat()
+    }
+}
+
+/// What a hedf column holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColumnKind {
+    /// One encrypted value per row (Arrow `FixedSizeBinary`).
+    Cell,
+    /// One he_sum result per row (Arrow `LargeBinary`).
+    Sum,
+}
+
+impl ColumnKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ColumnKind::Cell => KIND_CELL,
+            ColumnKind::Sum => KIND_SUM,
+        }
+    }
+}
+
+/// How an encrypted column is marked in Arrow field metadata: its kind, its public crypto and
+/// a tag by which the key's holder vouches for that crypto. The server cannot make or check a
+/// tag (it has no key) but carries it from the uploaded column to every sum; the client
+/// checks it before decrypting, so metadata altered after encryption (a scale edited in a
+/// stored file, say) is an error instead of silently scaled sums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColumnMarking {
+    pub kind: ColumnKind,
+    pub crypto: ColumnCrypto,
+    pub tag: [u8; 16],
+}
+
+impl ColumnMarking {
+    /// The marking `key` gives a column it encrypts with `crypto`.
+    pub fn new(kind: ColumnKind, crypto: ColumnCrypto, key: &ClientKey) -> Self {
+        ColumnMarking {
+            kind,
+            crypto,
+            tag: key.tag(&crypto.tag_message()),
+        }
+    }
+
+    /// The same column marked as another kind (he_sum turns cells into sums).
+    pub fn with_kind(self, kind: ColumnKind) -> Self {
+        ColumnMarking { kind, ..self }
+    }
+
+    /// Checks that `key` made this marking, i.e. that the parameters are the ones it
+    /// encrypted with. Call after checking the key id.
+    pub fn verify(&self, key: &ClientKey, column: &str) -> Result<()> {
+        if key.tag(&self.crypto.tag_message()) == self.tag {
+            Ok(())
+        } else {
+            Err(HedfError::Malformed(format!(
+                "column {column:?}: its encryption parameters (scale {}, {} limb(s)) are not \
+                 the ones the key encrypted it with: the column's metadata was altered after \
+                 encryption",
+                self.crypto.spec.scale, self.crypto.spec.limbs
+            )))
+        }
+    }
+
+    /// Field metadata for this marking.
+    pub fn metadata(&self) -> HashMap<String, String> {
+        let tag: String = self.tag.iter().map(|b| format!("{b:02x}")).collect();
         HashMap::from([
-            (META_KIND.to_string(), kind.to_string()),
-            (META_KEY_ID.to_string(), self.key_id.to_string()),
+            (META_KIND.to_string(), self.kind.as_str().to_string()),
+            (META_KEY_ID.to_string(), self.crypto.key_id.to_string()),
             (META_PARAMS.to_string(), PARAMS_ID.to_string()),
-            (META_SCALE.to_string(), self.spec.scale.to_string()),
-            (META_LIMBS.to_string(), self.spec.limbs.to_string()),
-            (META_LIMB_BITS.to_string(), self.spec.limb_bits.to_string()),
+            (META_SCALE.to_string(), self.crypto.spec.scale.to_string()),
+            (META_LIMBS.to_string(), self.crypto.spec.limbs.to_string()),
+            (
+                META_LIMB_BITS.to_string(),
+                self.crypto.spec.limb_bits.to_string(),
+            ),
             (META_LAYOUT.to_string(), LAYOUT_VERSION.to_string()),
+            (META_TAG.to_string(), tag),
         ])
     }
 
     /// Reads field metadata; `Ok(None)` for a plaintext column, an error for a broken marking.
-    pub fn from_metadata(meta: &HashMap<String, String>) -> Result<Option<(String, Self)>> {
+    /// Numbers must parse as their exact types: `hedf.limbs=257` is an error, not 1.
+    pub fn from_metadata(meta: &HashMap<String, String>) -> Result<Option<Self>> {
         let Some(kind) = meta.get(META_KIND) else {
             return Ok(None);
+        };
+        let kind = match kind.as_str() {
+            KIND_CELL => ColumnKind::Cell,
+            KIND_SUM => ColumnKind::Sum,
+            other => {
+                return Err(HedfError::Malformed(format!(
+                    "unknown {META_KIND} {other:?} in field metadata"
+                )))
+            }
         };
         let get = |k: &str| {
             meta.get(k)
                 .ok_or_else(|| HedfError::Malformed(format!("field metadata lacks {k}")))
         };
-        let num = |k: &str| -> Result<i64> {
-            get(k)?
-                .parse()
-                .map_err(|_| HedfError::Malformed(format!("bad {k} in field metadata")))
-        };
-        if num(META_PARAMS)? != PARAMS_ID as i64 || num(META_LAYOUT)? != LAYOUT_VERSION as i64 {
+        fn num<T: std::str::FromStr>(k: &str, v: &str) -> Result<T> {
+            v.parse()
+                .map_err(|_| HedfError::Malformed(format!("bad {k} {v:?} in field metadata")))
+        }
+        if num::<u8>(META_PARAMS, get(META_PARAMS)?)? != PARAMS_ID
+            || num::<u8>(META_LAYOUT, get(META_LAYOUT)?)? != LAYOUT_VERSION
+        {
             return Err(HedfError::Malformed(
                 "column uses an unknown parameter set or layout version".into(),
             ));
         }
         let spec = MeasureSpec {
-            scale: num(META_SCALE)? as i8,
-            limbs: num(META_LIMBS)? as u8,
-            limb_bits: num(META_LIMB_BITS)? as u8,
+            scale: num(META_SCALE, get(META_SCALE)?)?,
+            limbs: num(META_LIMBS, get(META_LIMBS)?)?,
+            limb_bits: num(META_LIMB_BITS, get(META_LIMB_BITS)?)?,
         };
         spec.validate()?;
         let key_id = get(META_KEY_ID)?.parse()?;
-        Ok(Some((kind.clone(), ColumnCrypto { key_id, spec })))
+        let tag = get(META_TAG)?;
+        let tag = (tag.len() == 32)
+            .then(|| {
+                (0..16)
+                    .map(|i| u8::from_str_radix(&tag[2 * i..2 * i + 2], 16).ok())
+                    .collect::<Option<Vec<u8>>>()
+            })
+            .flatten()
+            .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
+            .ok_or_else(|| HedfError::Malformed(format!("bad {META_TAG} in field metadata")))?;
+        Ok(Some(ColumnMarking {
+            kind,
+            crypto: ColumnCrypto { key_id, spec },
+            tag,
+        }))
     }
 }
 

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use tfhe::core_crypto::prelude::*;
 use tfhe::core_crypto::seeders::new_seeder;
 
-use crate::cell::{write_cell, CellRef, ColumnCrypto, SumRef, KIND_CELL, KIND_SUM};
+use crate::cell::{write_cell, CellRef, ColumnCrypto, ColumnKind, ColumnMarking, SumRef};
 use crate::encoding::{parse_decimal, MeasureSpec, MAX_PRECISION};
 use crate::error::{HedfError, Result};
 use crate::glwe::{ChunkEncryptor, FourierKey};
@@ -96,7 +96,7 @@ impl Encryptor {
                 DataType::FixedSizeBinary(crypto.cell_width() as i32),
                 true,
             )
-            .with_metadata(crypto.metadata(KIND_CELL));
+            .with_metadata(ColumnMarking::new(ColumnKind::Cell, crypto, key).metadata());
             plans[idx] = Plan::Measure { crypto, seeds };
         }
         Ok(Encryptor {
@@ -382,10 +382,21 @@ fn check_key(key: &ClientKey, found: KeyId, what: &str) -> Result<()> {
     }
 }
 
-/// Decrypts one serialised he_sum result to its exact fixed-point total.
-pub fn decrypt_sum(key: &ClientKey, bytes: &[u8], column: &str) -> Result<i128> {
+/// Decrypts one serialised he_sum result of a column marked `expect` (whose marking the caller
+/// verified) to its exact fixed-point total.
+pub fn decrypt_sum(
+    key: &ClientKey,
+    bytes: &[u8],
+    expect: &ColumnCrypto,
+    column: &str,
+) -> Result<i128> {
     let sum = SumRef::parse(bytes)?;
     check_key(key, sum.crypto.key_id, &format!("column {column:?}"))?;
+    if sum.crypto != *expect {
+        return Err(HedfError::Malformed(format!(
+            "column {column:?}: a sum's parameters differ from its column's marking"
+        )));
+    }
     let spec = sum.crypto.spec;
     // The server checks this too; the client does not trust it to.
     if sum.count > spec.max_rows() {
@@ -460,25 +471,29 @@ impl<'k> CellDecryptor<'k> {
     }
 }
 
-/// Decrypts one hedf column (sums or cells, described by `kind` and `crypto`) into
-/// `Decimal128(38, scale)`.
+/// Decrypts one hedf column (sums or cells, as `marking` says) into `Decimal128(38, scale)`,
+/// after checking that `key` made the marking.
 fn decrypt_column(
     key: &ClientKey,
     name: &str,
-    kind: &str,
-    crypto: &ColumnCrypto,
+    marking: &ColumnMarking,
     column: &ArrayRef,
 ) -> Result<Decimal128Array> {
+    let crypto = &marking.crypto;
     check_key(key, crypto.key_id, &format!("column {name:?}"))?;
-    let values: Decimal128Array = match (kind, column.data_type()) {
-        (KIND_SUM, DataType::LargeBinary) => column
+    marking.verify(key, name)?;
+    let values: Decimal128Array = match (marking.kind, column.data_type()) {
+        (ColumnKind::Sum, DataType::LargeBinary) => column
             .as_any()
             .downcast_ref::<LargeBinaryArray>()
             .expect("type checked")
             .iter()
-            .map(|v| v.map(|bytes| decrypt_sum(key, bytes, name)).transpose())
+            .map(|v| {
+                v.map(|bytes| decrypt_sum(key, bytes, crypto, name))
+                    .transpose()
+            })
             .collect::<Result<_>>()?,
-        (KIND_CELL, DataType::FixedSizeBinary(_)) => {
+        (ColumnKind::Cell, DataType::FixedSizeBinary(_)) => {
             let mut dec = CellDecryptor::new(key);
             column
                 .as_fixed_size_binary()
@@ -497,7 +512,8 @@ fn decrypt_column(
         }
         (kind, t) => {
             return Err(HedfError::Malformed(format!(
-                "column {name:?} is marked {kind} but has type {t}"
+                "column {name:?} is marked {} but has type {t}",
+                kind.as_str()
             )))
         }
     };
@@ -525,13 +541,13 @@ pub fn decrypt_readable(
     let mut columns = Vec::with_capacity(batch.num_columns());
     let mut refused = Vec::new();
     for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
-        let Some((kind, crypto)) = ColumnCrypto::from_metadata(field.metadata())? else {
+        let Some(marking) = ColumnMarking::from_metadata(field.metadata())? else {
             fields.push(field.as_ref().clone());
             columns.push(column.clone());
             continue;
         };
         let decrypted = match key {
-            Some(key) => match decrypt_column(key, field.name(), &kind, &crypto, column) {
+            Some(key) => match decrypt_column(key, field.name(), &marking, column) {
                 Ok(values) => Some(values),
                 Err(e @ HedfError::KeyMismatch { .. }) => {
                     refused.push(e);

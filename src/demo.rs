@@ -11,7 +11,7 @@ use arrow::datatypes::{DataType, Decimal128Type, Field, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
-use crate::catalog::IngestMode;
+use crate::catalog::{IngestMode, UploadOptions};
 use crate::client::{decrypt_batch, encrypt_batches, MeasureColumn};
 use crate::error::{HedfError, Result};
 use crate::keys::ClientKey;
@@ -241,6 +241,7 @@ pub async fn run_remote(
         .upload(
             TABLE,
             IngestMode::CREATE,
+            UploadOptions::default(),
             encrypted_schema,
             futures::stream::iter(encrypted.into_iter().map(Ok)),
         )

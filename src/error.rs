@@ -37,6 +37,10 @@ pub enum HedfError {
     NoSuchTable(String),
     #[error("table {0} already exists")]
     TableExists(String),
+    /// A stored table no longer matches what was committed (a file lost, cut short or replaced
+    /// under the server). Only that table is affected.
+    #[error("table {table} is damaged: {why}; drop it or upload it again with --mode replace")]
+    Damaged { table: String, why: String },
     #[error("authentication failed: {0}")]
     Unauthenticated(String),
     #[error("upload too large: {0}")]

@@ -7,6 +7,8 @@ use std::fmt;
 use std::io::Write;
 use std::path::Path;
 
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
 use tfhe::core_crypto::commons::generators::SecretRandomGenerator;
 use tfhe::core_crypto::prelude::*;
 use tfhe::core_crypto::seeders::new_seeder;
@@ -27,10 +29,13 @@ impl fmt::Display for KeyId {
 
 impl std::str::FromStr for KeyId {
     type Err = HedfError;
+    /// Exactly the 16 lowercase or uppercase hex digits `Display` writes.
     fn from_str(s: &str) -> Result<Self> {
-        u64::from_str_radix(s, 16)
+        let hex = s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        hex.then(|| u64::from_str_radix(s, 16).ok())
+            .flatten()
             .map(KeyId)
-            .map_err(|_| HedfError::Invalid(format!("bad key id {s:?}")))
+            .ok_or_else(|| HedfError::Malformed(format!("bad key id {s:?}")))
     }
 }
 
@@ -50,13 +55,19 @@ impl fmt::Debug for ClientKey {
 }
 
 const MAGIC: &[u8; 8] = b"HEDFKEY\0";
-const FORMAT_VERSION: u8 = 1;
+/// Version 2 added the check value; version 1 files are refused with a message naming it.
+const FORMAT_VERSION: u8 = 2;
 const HEADER_LEN: usize = 8 + 1 + 1 + 8 + 4;
+/// Trailing check value: the first bytes of SHA-256 over everything before it, so a damaged
+/// file is refused instead of decrypting to garbage.
+const CHECK_LEN: usize = 8;
+/// Domain separation of the key that tags column metadata (see [`ClientKey::tag`]).
+const TAG_KEY_DOMAIN: &[u8] = b"hedf column-metadata tag key v1";
 
 /// Whether `bytes` hold a serialized client key (its magic anywhere in them), so code that
 /// must never store keys (the server) can refuse them.
 pub fn is_key_material(bytes: &[u8]) -> bool {
-    bytes.windows(MAGIC.len()).any(|w| w == MAGIC)
+    memchr::memmem::find(bytes, MAGIC).is_some()
 }
 
 impl ClientKey {
@@ -87,22 +98,45 @@ impl ClientKey {
         self.secret.as_ref()
     }
 
-    /// Serialises the key: magic, version, parameter id, key id, N, then one bit per coefficient.
+    /// A keyed tag (HMAC-SHA256, truncated to 128 bits) of public bytes, e.g. a column's
+    /// encryption parameters: only the key's holder can make one, so the client can tell
+    /// metadata it wrote from metadata altered on the way (see `cell::ColumnMarking`).
+    pub fn tag(&self, message: &[u8]) -> [u8; 16] {
+        let mut key = Sha256::new();
+        key.update(TAG_KEY_DOMAIN);
+        key.update(self.secret_bytes());
+        let mut mac = Hmac::<Sha256>::new_from_slice(&key.finalize()).expect("any key length");
+        mac.update(message);
+        mac.finalize().into_bytes()[..16]
+            .try_into()
+            .expect("16 of 32 bytes")
+    }
+
+    /// The secret coefficients packed one bit each, as the key file stores them.
+    fn secret_bytes(&self) -> Vec<u8> {
+        self.bits()
+            .chunks(8)
+            .map(|byte| {
+                byte.iter()
+                    .enumerate()
+                    .fold(0u8, |acc, (i, &b)| acc | ((b as u8) << i))
+            })
+            .collect()
+    }
+
+    /// Serialises the key: magic, version, parameter id, key id, N, one bit per coefficient,
+    /// then the check value.
     pub fn to_bytes(&self) -> Vec<u8> {
         let bits = self.bits();
-        let mut out = Vec::with_capacity(HEADER_LEN + bits.len() / 8);
+        let mut out = Vec::with_capacity(HEADER_LEN + bits.len() / 8 + CHECK_LEN);
         out.extend_from_slice(MAGIC);
         out.push(FORMAT_VERSION);
         out.push(PARAMS_ID);
         out.extend_from_slice(&self.id.0.to_le_bytes());
         out.extend_from_slice(&(bits.len() as u32).to_le_bytes());
-        for byte in bits.chunks(8) {
-            out.push(
-                byte.iter()
-                    .enumerate()
-                    .fold(0u8, |acc, (i, &b)| acc | ((b as u8) << i)),
-            );
-        }
+        out.extend_from_slice(&self.secret_bytes());
+        let check = check_value(&out);
+        out.extend_from_slice(&check);
         out
     }
 
@@ -112,17 +146,27 @@ impl ClientKey {
             return Err(bad("not a hedf key file"));
         }
         if bytes[8] != FORMAT_VERSION {
-            return Err(bad(&format!("unsupported key format version {}", bytes[8])));
+            return Err(bad(&format!(
+                "key format version {} is not supported (this hedf reads version \
+                 {FORMAT_VERSION}); generate a new key with `hedf keygen` and re-encrypt",
+                bytes[8]
+            )));
         }
         if bytes[9] != PARAMS_ID {
             return Err(bad(&format!("unknown parameter set id {}", bytes[9])));
         }
         let id = KeyId(u64::from_le_bytes(bytes[10..18].try_into().unwrap()));
         let n = u32::from_le_bytes(bytes[18..22].try_into().unwrap()) as usize;
-        if n != POLYNOMIAL_SIZE * GLWE_DIMENSION || bytes.len() != HEADER_LEN + n / 8 {
+        if n != POLYNOMIAL_SIZE * GLWE_DIMENSION || bytes.len() != HEADER_LEN + n / 8 + CHECK_LEN {
             return Err(bad("key length does not match the parameter set"));
         }
-        let coefficients: Vec<u64> = bytes[HEADER_LEN..]
+        let (body, check) = bytes.split_at(bytes.len() - CHECK_LEN);
+        if check != check_value(body) {
+            return Err(bad(
+                "the key file is damaged (its check value does not match); restore it from a backup",
+            ));
+        }
+        let coefficients: Vec<u64> = body[HEADER_LEN..]
             .iter()
             .flat_map(|byte| (0..8).map(move |i| u64::from((byte >> i) & 1)))
             .collect();
@@ -161,7 +205,40 @@ impl ClientKey {
         let bytes = std::fs::read(path)
             .map_err(|e| HedfError::KeyFile(format!("cannot read {}: {e}", path.display())))?;
         Self::from_bytes(&bytes)
+            .map_err(|e| HedfError::KeyFile(format!("{}: {}", path.display(), key_file_why(e))))
     }
+}
+
+fn key_file_why(e: HedfError) -> String {
+    match e {
+        HedfError::KeyFile(why) => why,
+        other => other.to_string(),
+    }
+}
+
+/// A warning if the key file at `path` can be read or written by other users (as ssh warns
+/// of a private key with loose permissions); `None` when only its owner can.
+pub fn permission_warning(path: &Path) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Some(format!(
+                "{} has mode {mode:03o}: other users may read your secret key; run chmod 600 on it",
+                path.display()
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    None
+}
+
+fn check_value(bytes: &[u8]) -> [u8; CHECK_LEN] {
+    Sha256::digest(bytes)[..CHECK_LEN]
+        .try_into()
+        .expect("8 of 32 bytes")
 }
 
 #[cfg(test)]
@@ -172,7 +249,7 @@ mod tests {
     fn key_file_round_trips_and_rejects_garbage() {
         let key = ClientKey::generate();
         let bytes = key.to_bytes();
-        assert_eq!(bytes.len(), HEADER_LEN + POLYNOMIAL_SIZE / 8);
+        assert_eq!(bytes.len(), HEADER_LEN + POLYNOMIAL_SIZE / 8 + CHECK_LEN);
         let back = ClientKey::from_bytes(&bytes).unwrap();
         assert_eq!(back.id(), key.id());
         assert_eq!(back.bits(), key.bits());
@@ -185,6 +262,33 @@ mod tests {
             .to_string()
             .contains("parameter set"));
         assert!(!format!("{key:?}").contains("secret"));
+    }
+
+    /// A flipped bit anywhere in the secret part is caught by the check value, not silently
+    /// loaded as another key; the previous format is refused with its version named.
+    #[test]
+    fn damaged_and_old_key_files_are_refused() {
+        let bytes = ClientKey::generate().to_bytes();
+        for at in [HEADER_LEN, HEADER_LEN + 100, bytes.len() - 1] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x10;
+            let e = ClientKey::from_bytes(&damaged).unwrap_err().to_string();
+            assert!(e.contains("damaged"), "byte {at}: {e}");
+        }
+        let mut old = bytes.clone();
+        old[8] = 1;
+        let e = ClientKey::from_bytes(&old).unwrap_err().to_string();
+        assert!(e.contains("key format version 1"), "{e}");
+    }
+
+    #[test]
+    fn tags_depend_on_the_key_and_the_message() {
+        let (a, b) = (ClientKey::generate(), ClientKey::generate());
+        assert_eq!(a.tag(b"x"), a.tag(b"x"));
+        assert_ne!(a.tag(b"x"), a.tag(b"y"));
+        assert_ne!(a.tag(b"x"), b.tag(b"x"));
+        let again = ClientKey::from_bytes(&a.to_bytes()).unwrap();
+        assert_eq!(again.tag(b"x"), a.tag(b"x"));
     }
 
     #[test]
@@ -209,6 +313,9 @@ mod tests {
                 std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
                 0o600
             );
+            assert_eq!(permission_warning(&path), None);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            assert!(permission_warning(&path).unwrap().contains("mode 644"));
         }
     }
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use hedf::catalog::IngestMode;
+use hedf::catalog::{IngestMode, UploadOptions};
 use hedf::client::decrypt_batch;
 use hedf::display::Format;
 use hedf::flight::auth::{hash_password, Users};
@@ -78,6 +78,9 @@ enum Command {
         table: String,
         #[arg(long, value_enum, default_value_t = Mode::Create)]
         mode: Mode,
+        /// Store the table even though no column is encrypted (every value in clear).
+        #[arg(long)]
+        allow_plaintext: bool,
     },
     /// Decrypt a result file (`.arrow` or `.parquet`) a client saved, and print it.
     Decrypt {
@@ -254,7 +257,12 @@ fn default_data_dir() -> PathBuf {
 }
 
 fn load_key(dir: &Path) -> hedf::Result<ClientKey> {
-    ClientKey::load(&dir.join("client.key"))
+    let path = dir.join("client.key");
+    let key = ClientKey::load(&path)?;
+    if let Some(warning) = hedf::keys::permission_warning(&path) {
+        eprintln!("warning: {warning}");
+    }
+    Ok(key)
 }
 
 async fn run(cli: Cli) -> hedf::Result<()> {
@@ -321,8 +329,13 @@ async fn run(cli: Cli) -> hedf::Result<()> {
             target,
             table,
             mode,
+            allow_plaintext,
         } => {
             let (schema, batches) = hedf::ingest::read_encrypted(&file)?;
+            for warning in hedf::catalog::plaintext_warnings(&schema) {
+                eprintln!("warning: {warning}");
+            }
+            let options = UploadOptions { allow_plaintext };
             let mode = match mode {
                 Mode::Create => IngestMode::CREATE,
                 Mode::Append => IngestMode::APPEND,
@@ -340,7 +353,9 @@ async fn run(cli: Cli) -> hedf::Result<()> {
                     }
                 })
             };
-            let rows = connection.upload(&table, mode, schema, counted).await;
+            let rows = connection
+                .upload(&table, mode, options, schema, counted)
+                .await;
             bar.finish_and_clear();
             let rows = rows?;
             eprintln!(
@@ -430,6 +445,13 @@ async fn run(cli: Cli) -> hedf::Result<()> {
                 (false, false) => Some(users),
             };
             let data_dir = data_dir.unwrap_or_else(default_data_dir);
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("HEDF_LOG")
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .init();
             let config = ServerConfig {
                 data_dir: data_dir.clone(),
                 users,
@@ -472,7 +494,7 @@ async fn run(cli: Cli) -> hedf::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match hedf::session::runtime() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -20,9 +20,9 @@ use futures::{SinkExt, Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::catalog::{IfExists, IngestMode};
+use crate::catalog::{IfExists, IngestMode, UploadOptions};
 use crate::error::{HedfError, Result};
-use crate::flight::{ABORT_UPLOAD, WINDOW_BYTES};
+use crate::flight::{ABORT_UPLOAD, ALLOW_PLAINTEXT_OPTION, WINDOW_BYTES};
 
 /// Largest message the client accepts; results carry 32 KiB per encrypted sum.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -121,17 +121,23 @@ impl Remote {
         &mut self,
         table: &str,
         mode: IngestMode,
+        options: UploadOptions,
         schema: SchemaRef,
         batches: S,
     ) -> Result<i64>
     where
         S: Stream<Item = Result<RecordBatch>> + Send + 'static,
     {
-        let command = CommandStatementIngest {
+        let mut command = CommandStatementIngest {
             table_definition_options: Some(table_options(mode)),
             table: table.to_string(),
             ..Default::default()
         };
+        if options.allow_plaintext {
+            command
+                .options
+                .insert(ALLOW_PLAINTEXT_OPTION.into(), "true".into());
+        }
         let descriptor = FlightDescriptor::new_cmd(command.as_any().encode_to_vec());
         // LZ4 shrinks the row and seed columns to almost nothing; ciphertext bodies do not
         // compress and go raw (Arrow IPC keeps a buffer uncompressed when that is smaller).

@@ -4,12 +4,30 @@ use std::sync::Arc;
 
 use datafusion::common::TableReference;
 use datafusion::datasource::TableProvider;
-use datafusion::error::Result as DfResult;
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::object_store::{ObjectStoreRegistry, ObjectStoreUrl};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use object_store::ObjectStore;
+use url::Url;
 
 use crate::guard::CiphertextGuard;
 use crate::udaf::he_sum_udaf;
+
+/// Stack size of every runtime thread. Planning and evaluating deep expressions (a BI tool's
+/// 5,000-term OR chain) recurses deeply; DataFusion's recursion protection grows the stack of
+/// its planner on demand, and this leaves room for the rest (physical evaluation, drops).
+pub const THREAD_STACK_BYTES: usize = 64 << 20;
+
+/// The multi-threaded tokio runtime hedf's servers and shells run on: large thread stacks
+/// (see [`THREAD_STACK_BYTES`]), all drivers enabled.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(THREAD_STACK_BYTES)
+        .build()
+}
 
 /// A session with DataFusion's defaults plus hedf.
 pub fn new_context() -> SessionContext {
@@ -18,10 +36,11 @@ pub fn new_context() -> SessionContext {
 
 /// A session with the given configuration plus hedf.
 pub fn new_context_with_config(config: SessionConfig) -> SessionContext {
-    let state = SessionStateBuilder::new()
-        .with_config(config)
-        .with_default_features()
-        .build();
+    context(SessionStateBuilder::new().with_config(config))
+}
+
+fn context(builder: SessionStateBuilder) -> SessionContext {
+    let state = builder.with_default_features().build();
     // The guard runs first, so misuse of a ciphertext is reported as such rather than as a
     // type-coercion error about binary columns.
     let mut rules = state.analyzer().rules.clone();
@@ -38,16 +57,64 @@ pub fn new_context_with_config(config: SessionConfig) -> SessionContext {
 pub const CATALOG: &str = "hedf";
 pub const SCHEMA: &str = "public";
 
-/// A session over one tenant's tables, as the server runs queries: only those tables exist.
+/// The object store URL a tenant's segments are read through (see [`tenant_context`]).
+pub fn tenant_store_url() -> ObjectStoreUrl {
+    ObjectStoreUrl::parse("hedf://tenant").expect("a valid URL")
+}
+
+/// A session over one tenant's tables, as the server runs queries: only those tables exist,
+/// and the only object store is `store` (the tenant's segments, read-only) at
+/// [`tenant_store_url`]; the local file system is not reachable.
 pub fn tenant_context<'a>(
     tables: impl IntoIterator<Item = (&'a str, Arc<dyn TableProvider>)>,
+    store: Arc<dyn ObjectStore>,
+    target_partitions: usize,
 ) -> DfResult<SessionContext> {
     let config = SessionConfig::new()
         .with_default_catalog_and_schema(CATALOG, SCHEMA)
-        .with_information_schema(false);
-    let ctx = new_context_with_config(config);
+        .with_information_schema(false)
+        .with_target_partitions(target_partitions);
+    let runtime = RuntimeEnvBuilder::new()
+        .with_object_store_registry(Arc::new(OneStore {
+            url: tenant_store_url(),
+            store,
+        }))
+        .build_arc()?;
+    let ctx = context(
+        SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime),
+    );
     for (name, table) in tables {
         ctx.register_table(TableReference::bare(name), table)?;
     }
     Ok(ctx)
+}
+
+/// An object store registry that knows exactly one store and accepts no other.
+#[derive(Debug)]
+struct OneStore {
+    url: ObjectStoreUrl,
+    store: Arc<dyn ObjectStore>,
+}
+
+impl ObjectStoreRegistry for OneStore {
+    fn register_store(
+        &self,
+        _url: &Url,
+        _store: Arc<dyn ObjectStore>,
+    ) -> Option<Arc<dyn ObjectStore>> {
+        None
+    }
+
+    fn get_store(&self, url: &Url) -> DfResult<Arc<dyn ObjectStore>> {
+        let wanted: &Url = self.url.as_ref();
+        if url.scheme() == wanted.scheme() && url.host_str() == wanted.host_str() {
+            Ok(self.store.clone())
+        } else {
+            Err(DataFusionError::Plan(
+                "this session reads only its tenant's tables; no other file can be reached".into(),
+            ))
+        }
+    }
 }

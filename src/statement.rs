@@ -1,14 +1,22 @@
 //! One tenant's SQL, planned the same way for the Flight server and the local REPL: queries
-//! over the tenant's own tables, and `DROP TABLE`. Nothing else runs.
+//! over the tenant's own tables, and `DROP TABLE`. Nothing else runs: a plan that would write,
+//! define or change anything (DML, DDL, COPY, SET, PREPARE ...) is refused wherever it sits,
+//! under EXPLAIN or EXPLAIN ANALYZE, in a CTE or a subquery.
 
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::TableReference;
+use datafusion::error::DataFusionError;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
-use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::parser::{DFParserBuilder, Statement as DfStatement};
+use datafusion::sql::resolve::resolve_table_references;
 use datafusion::sql::sqlparser::ast::{ObjectType, Statement};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::ParserError;
 
 use crate::catalog::{Tables, Tenant};
 use crate::error::{HedfError, Result};
@@ -16,6 +24,9 @@ use crate::session::{tenant_context, CATALOG, SCHEMA};
 
 /// Queries reading fewer rows than this run in one partition.
 const PARALLEL_ROWS: u64 = 1 << 17;
+/// How deeply the SQL parser may nest (DataFusion's default): deeper input is an error, not a
+/// stack overflow.
+const PARSER_RECURSION_LIMIT: usize = 50;
 
 /// What a SQL text asks for.
 pub enum Planned {
@@ -33,60 +44,40 @@ pub enum Planned {
 /// Parses one statement and plans it for `tenant`: a query over the tenant's tables only,
 /// or `DROP TABLE`. Anything else is refused.
 pub async fn plan(tenant: &Tenant, sql: &str) -> Result<Planned> {
-    let tables = tenant.snapshot();
-    let ctx = tenant_context(tables.iter().map(|(n, v)| (n.as_str(), v.provider())))?;
-    let state = ctx.state();
-    let dialect = state.config().options().sql_parser.dialect;
-    let statement = state.sql_to_statement(sql, &dialect)?;
-    if let DfStatement::Statement(s) = &statement {
-        if let Statement::Drop {
-            object_type: ObjectType::Table,
-            if_exists,
-            names,
-            ..
-        } = s.as_ref()
-        {
-            let [name] = names.as_slice() else {
-                return Err(HedfError::Invalid("DROP TABLE takes one table".into()));
-            };
-            let reference =
-                datafusion::sql::planner::object_name_to_table_reference(name.clone(), true)?;
-            return Ok(Planned::DropTable {
-                name: own_table(&reference)?,
-                if_exists: *if_exists,
-            });
-        }
+    let statement = parse(sql)?;
+    if let Some(drop) = drop_table(&statement)? {
+        return Ok(drop);
     }
-    let is_query = matches!(&statement, DfStatement::Statement(s) if matches!(s.as_ref(), Statement::Query(_)))
-        || matches!(&statement, DfStatement::Explain(_));
-    if !is_query {
-        return Err(HedfError::Invalid(
-            "only queries (SELECT, EXPLAIN) and DROP TABLE run here; tables are created by \
-             bulk ingest of encrypted data"
-                .into(),
-        ));
+    if !is_query(&statement) {
+        return Err(refused());
+    }
+    let tables = tenant.snapshot();
+    let (references, _) = resolve_table_references(&statement, true)?;
+    let mut read = Vec::new();
+    for reference in &references {
+        let name = own_table(reference)?;
+        let version = tables
+            .get(&name)
+            .ok_or(HedfError::NoSuchTable(name.clone()))?;
+        read.push((name, version.clone()));
     }
     let mut rows = 0;
-    for reference in state.resolve_table_references(&statement)? {
-        let name = own_table(&reference)?;
-        rows += tables
-            .get(&name)
-            .ok_or(HedfError::NoSuchTable(name))?
-            .rows();
+    let mut providers = Vec::new();
+    for (name, version) in &read {
+        rows += version.rows()?;
+        providers.push((name.as_str(), version.provider()?));
     }
-    if rows < PARALLEL_ROWS {
-        // Small inputs: one partition. Spreading them would only move 32 KiB-per-group
-        // partial sums between partitions (measured: 51 -> 33 ms for the seed's largest
-        // aggregation).
-        ctx.state_ref()
-            .write()
-            .config_mut()
-            .options_mut()
-            .execution
-            .target_partitions = 1;
-    }
-    let state = ctx.state();
-    let plan = state.statement_to_plan(statement).await?;
+    // Small inputs: one partition. Spreading them would only move 32 KiB-per-group partial
+    // sums between partitions (measured: 51 -> 33 ms for the seed's largest aggregation).
+    let partitions = if rows < PARALLEL_ROWS {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
+    let store = tenant.store(read.iter().map(|(_, v)| v.as_ref()))?;
+    let ctx = tenant_context(providers, store, partitions)?;
+    let plan = ctx.state().statement_to_plan(statement).await?;
+    refuse_side_effects(&plan)?;
     Ok(Planned::Query {
         ctx: Box::new(ctx),
         plan,
@@ -94,7 +85,99 @@ pub async fn plan(tenant: &Tenant, sql: &str) -> Result<Planned> {
     })
 }
 
-pub fn own_table(reference: &datafusion::common::TableReference) -> Result<String> {
+fn parse(sql: &str) -> Result<DfStatement> {
+    let mut statements = DFParserBuilder::new(sql)
+        .with_dialect(&GenericDialect {})
+        .with_recursion_limit(PARSER_RECURSION_LIMIT)
+        .build()?
+        .parse_statements()
+        .map_err(|e| match e {
+            DataFusionError::SQL(e, _) if matches!(*e, ParserError::RecursionLimitExceeded) => {
+                HedfError::Invalid(format!(
+                    "the statement nests more than {PARSER_RECURSION_LIMIT} levels deep \
+                     (parentheses, subqueries); flatten it"
+                ))
+            }
+            other => other.into(),
+        })?;
+    match (statements.pop_front(), statements.is_empty()) {
+        (Some(statement), true) => Ok(statement),
+        (None, _) => Err(HedfError::Invalid("no SQL statement".into())),
+        (Some(_), false) => Err(HedfError::Invalid(
+            "one statement at a time: send each statement on its own".into(),
+        )),
+    }
+}
+
+/// A query, or EXPLAIN (ANALYZE) of one.
+fn is_query(statement: &DfStatement) -> bool {
+    match statement {
+        DfStatement::Statement(s) => matches!(s.as_ref(), Statement::Query(_)),
+        DfStatement::Explain(explain) => is_query(&explain.statement),
+        _ => false,
+    }
+}
+
+fn drop_table(statement: &DfStatement) -> Result<Option<Planned>> {
+    let DfStatement::Statement(s) = statement else {
+        return Ok(None);
+    };
+    let Statement::Drop {
+        object_type: ObjectType::Table,
+        if_exists,
+        names,
+        ..
+    } = s.as_ref()
+    else {
+        return Ok(None);
+    };
+    let [name] = names.as_slice() else {
+        return Err(HedfError::Invalid("DROP TABLE takes one table".into()));
+    };
+    let reference = datafusion::sql::planner::object_name_to_table_reference(name.clone(), true)?;
+    Ok(Some(Planned::DropTable {
+        name: own_table(&reference)?,
+        if_exists: *if_exists,
+    }))
+}
+
+fn refused() -> HedfError {
+    HedfError::Invalid(
+        "only queries (SELECT, EXPLAIN) and DROP TABLE run here; tables are created by bulk \
+         ingest of encrypted data"
+            .into(),
+    )
+}
+
+/// Refuses a plan with any node that writes, defines or changes state, at any depth: EXPLAIN
+/// ANALYZE runs its input, so `EXPLAIN ANALYZE COPY ... TO '/path'` would write a file. The
+/// statement check above already keeps such SQL out; this holds whatever the parser and
+/// planner turn a query into.
+fn refuse_side_effects(plan: &LogicalPlan) -> Result<()> {
+    let mut found = None;
+    plan.apply_with_subqueries(|node| {
+        let what = match node {
+            LogicalPlan::Dml(_) => "data changes (INSERT, UPDATE, DELETE)",
+            LogicalPlan::Ddl(_) => "definitions (CREATE, DROP, ...)",
+            LogicalPlan::Copy(_) => "COPY",
+            LogicalPlan::Statement(_) => "session statements (SET, PREPARE, ...)",
+            LogicalPlan::Extension(_) => "extension plans",
+            _ => return Ok(TreeNodeRecursion::Continue),
+        };
+        found = Some(what);
+        Ok(TreeNodeRecursion::Stop)
+    })?;
+    match found {
+        Some(what) => Err(HedfError::Invalid(format!(
+            "{what} cannot run here, not even under EXPLAIN; {}",
+            refused()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A table reference's table name, if it points into the tenant's catalog and schema.
+pub fn own_table(reference: &TableReference) -> Result<String> {
     let catalog_ok = reference.catalog().is_none_or(|c| c == CATALOG);
     let schema_ok = reference.schema().is_none_or(|s| s == SCHEMA);
     if catalog_ok && schema_ok {
@@ -119,5 +202,36 @@ pub async fn run(tenant: &Tenant, sql: &str) -> Result<(SchemaRef, Vec<RecordBat
             tenant.drop_table(&name, if_exists)?;
             Ok((Arc::new(arrow::datatypes::Schema::empty()), Vec::new()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever wraps them, plans that write or define are refused.
+    #[tokio::test]
+    async fn side_effects_are_found_at_any_depth() {
+        let ctx = SessionContext::new();
+        for sql in [
+            "EXPLAIN ANALYZE COPY (SELECT 1 AS x) TO '/tmp/never.csv' STORED AS CSV",
+            "EXPLAIN COPY (SELECT 1 AS x) TO '/tmp/never.csv' STORED AS CSV",
+            "EXPLAIN CREATE VIEW v AS SELECT 1",
+            "EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1",
+            "EXPLAIN SET datafusion.execution.target_partitions = 1",
+            "EXPLAIN PREPARE p AS SELECT 1",
+        ] {
+            let plan = ctx.state().create_logical_plan(sql).await.unwrap();
+            let e = refuse_side_effects(&plan).unwrap_err().to_string();
+            assert!(e.contains("cannot run here"), "{sql}: {e}");
+        }
+        for sql in [
+            "EXPLAIN ANALYZE SELECT 1",
+            "WITH t AS (SELECT 1 AS x) SELECT * FROM t WHERE x IN (SELECT 1)",
+        ] {
+            let plan = ctx.state().create_logical_plan(sql).await.unwrap();
+            refuse_side_effects(&plan).unwrap();
+        }
+        assert!(!std::path::Path::new("/tmp/never.csv").exists());
     }
 }

@@ -14,14 +14,14 @@ fn python_adbc_driver_ingests_queries_and_lists() {
     );
     let addr = server.url.trim_start_matches("http://");
     let root = env!("CARGO_MANIFEST_DIR");
-    let output = Command::new("python3")
+    let output = Command::new(common::python())
         .arg(format!("{root}/tests/python/adbc_client.py"))
         .arg(format!("grpc://{addr}"))
         .arg(env!("CARGO_BIN_EXE_hedf"))
         .arg(dir.path())
         .arg(format!("{root}/data/population.csv"))
         .output()
-        .expect("python3 with adbc-driver-flightsql and pyarrow (see .ci/run)");
+        .expect("the tests' Python environment");
     drop(server);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);

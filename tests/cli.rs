@@ -283,6 +283,90 @@ async fn encrypt_upload_and_query_a_local_folder() {
     assert!(failure(&mut sql(Some(&keys), "table", query)).contains("no such table"));
 }
 
+/// A file that was never encrypted is not stored unless the user says so, and then with a
+/// warning per numeric column left in clear.
+#[test]
+fn uploading_a_plaintext_file_needs_allow_plaintext_and_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.parquet");
+    let (schema, batches) = population().unwrap();
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&plain).unwrap(), schema, None)
+            .unwrap();
+    for batch in &batches {
+        writer.write(batch).unwrap();
+    }
+    writer.close().unwrap();
+    let upload = |extra: &[&str]| {
+        let mut cmd = hedf();
+        cmd.arg("upload")
+            .arg(&plain)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--table", "clear"])
+            .args(extra);
+        cmd
+    };
+    let out = upload(&[]).assert().failure().get_output().clone();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("warning: column \"2018\"") && err.contains("stored in clear"),
+        "{err}"
+    );
+    assert!(
+        err.contains("no encrypted column") && err.contains("--allow-plaintext"),
+        "{err}"
+    );
+    let out = upload(&["--allow-plaintext"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.matches("warning: column").count(), 5, "{err}");
+    assert!(err.contains("152 rows uploaded to clear"), "{err}");
+}
+
+/// A key file others can read loads with a warning; a damaged one is refused, never used to
+/// decrypt garbage.
+#[test]
+fn loose_key_files_warn_and_damaged_ones_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    keygen(&keys);
+    let file = keys.join("client.key");
+    let table = dir.path().join("population.parquet");
+    let quiet = encrypt(&population_csv(), &keys, &[], &table)
+        .assert()
+        .success()
+        .get_output()
+        .stderr
+        .clone();
+    assert!(!String::from_utf8(quiet).unwrap().contains("warning"));
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let loud = encrypt(&population_csv(), &keys, &[], &table)
+        .assert()
+        .success()
+        .get_output()
+        .stderr
+        .clone();
+    let loud = String::from_utf8(loud).unwrap();
+    assert!(
+        loud.contains("warning:") && loud.contains("mode 644") && loud.contains("chmod 600"),
+        "{loud}"
+    );
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    let err = failure(&mut encrypt(&population_csv(), &keys, &[], &table));
+    assert!(
+        err.contains("client.key") && err.contains("damaged"),
+        "{err}"
+    );
+}
+
 #[test]
 fn encrypt_refuses_values_with_more_decimals_than_the_scale() {
     let dir = tempfile::tempdir().unwrap();

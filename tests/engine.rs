@@ -13,7 +13,7 @@ use arrow::datatypes::Decimal128Type;
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::prelude::{SessionConfig, SessionContext};
-use hedf::cell::ColumnCrypto;
+use hedf::cell::ColumnMarking;
 use hedf::client::{decrypt_batch, decrypt_sum, encrypt_batches, MeasureColumn};
 use hedf::keys::ClientKey;
 use hedf::table::EncryptedTable;
@@ -440,11 +440,12 @@ async fn sums_over_the_budget_are_refused_by_server_and_client() {
     register(&ctx, dir.path(), "t", key(), &[small_table()], &measures(1));
     let result = run(&ctx, "SELECT he_sum(v) FROM t").await.unwrap();
     let field = result[0].schema().field(0).clone();
-    let (_, crypto) = ColumnCrypto::from_metadata(field.metadata())
+    let crypto = ColumnMarking::from_metadata(field.metadata())
         .unwrap()
-        .unwrap();
+        .unwrap()
+        .crypto;
     let sum = result[0].column(0).as_binary::<i64>().value(0).to_vec();
-    assert_eq!(decrypt_sum(key(), &sum, "v").unwrap(), 12);
+    assert_eq!(decrypt_sum(key(), &sum, &crypto, "v").unwrap(), 12);
 
     // A partial state claiming max_rows rows, plus one more real row: the server refuses.
     let max = crypto.spec.max_rows();
@@ -474,7 +475,9 @@ async fn sums_over_the_budget_are_refused_by_server_and_client() {
 
     // The client does not trust the server's check either.
     forged[17..25].copy_from_slice(&(max + 1).to_le_bytes());
-    let err = decrypt_sum(key(), &forged, "v").unwrap_err().to_string();
+    let err = decrypt_sum(key(), &forged, &crypto, "v")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("budget exceeded"), "{err}");
 }
 

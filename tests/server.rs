@@ -16,7 +16,7 @@ use arrow_flight::sql::CommandGetPrimaryKeys;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
-use hedf::catalog::IngestMode;
+use hedf::catalog::{IngestMode, UploadOptions};
 use hedf::client::{decrypt_batch, encrypt_batches, MeasureColumn};
 use hedf::demo::{aggregation_sql, population, YEARS};
 use hedf::keys::ClientKey;
@@ -85,7 +85,13 @@ async fn upload(
 ) -> hedf::Result<i64> {
     let batches: Vec<hedf::Result<RecordBatch>> = batches.iter().cloned().map(Ok).collect();
     remote
-        .upload(table, mode, schema.clone(), futures::stream::iter(batches))
+        .upload(
+            table,
+            mode,
+            UploadOptions::default(),
+            schema.clone(),
+            futures::stream::iter(batches),
+        )
         .await
 }
 
@@ -328,15 +334,19 @@ async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
         ]))],
     )
     .unwrap();
-    let e = upload(
-        &mut alice,
-        "t3",
-        IngestMode::CREATE,
-        &leaked.schema(),
-        std::slice::from_ref(&leaked),
-    )
-    .await
-    .unwrap_err();
+    // Stored on purpose without encryption, so the key check is what refuses it.
+    let e = alice
+        .upload(
+            "t3",
+            IngestMode::CREATE,
+            UploadOptions {
+                allow_plaintext: true,
+            },
+            leaked.schema(),
+            futures::stream::iter(vec![Ok(leaked.clone())]),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "InvalidArgument", "{e}");
     assert!(e.to_string().contains("secret key"), "{e}");
     let other_key = ClientKey::generate();
@@ -390,7 +400,7 @@ async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
         1,
         "{files:?}"
     );
-    assert!(!files.iter().any(|f| f.ends_with(".tmp")), "{files:?}");
+    assert!(!files.iter().any(|f| f.starts_with(".tmp")), "{files:?}");
     for file in &files {
         let bytes = std::fs::read(tenant.join(file)).unwrap();
         assert!(
@@ -423,7 +433,13 @@ async fn append_replace_interrupted_upload_and_restart() {
         Err(HedfError::Invalid("source broke".into())),
     ]);
     let e = alice
-        .upload("population", IngestMode::APPEND, schema.clone(), failing)
+        .upload(
+            "population",
+            IngestMode::APPEND,
+            UploadOptions::default(),
+            schema.clone(),
+            failing,
+        )
         .await
         .unwrap_err();
     assert!(e.to_string().contains("source broke"), "{e}");
@@ -447,6 +463,7 @@ async fn append_replace_interrupted_upload_and_restart() {
         .upload(
             "population",
             IngestMode::APPEND,
+            UploadOptions::default(),
             stored_schema,
             futures::stream::iter(batches.collect::<Vec<_>>()),
         )
@@ -479,7 +496,13 @@ async fn kill_9_during_a_large_ingest_leaves_the_old_table() {
     let uploading = tokio::spawn(async move {
         let mut remote = Remote::connect(&url, Some(ALICE)).await.unwrap();
         remote
-            .upload("population", IngestMode::REPLACE, schema, endless)
+            .upload(
+                "population",
+                IngestMode::REPLACE,
+                UploadOptions::default(),
+                schema,
+                endless,
+            )
             .await
     });
     let tenant = dir.path().join("tenants/alice");
@@ -488,7 +511,7 @@ async fn kill_9_during_a_large_ingest_leaves_the_old_table() {
         let partial: u64 = std::fs::read_dir(&tenant)
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
             .map(|e| e.metadata().unwrap().len())
             .sum();
         if partial > 4 << 20 {
@@ -506,7 +529,7 @@ async fn kill_9_during_a_large_ingest_leaves_the_old_table() {
     let leftovers: Vec<_> = std::fs::read_dir(&tenant)
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }

@@ -46,7 +46,11 @@ impl Users {
     }
 
     /// Adds a user given a plaintext password (hashed at once; the password is not kept).
+    /// An empty password is refused.
     pub fn add(&mut self, name: &str, password: &str) -> Result<()> {
+        if name.is_empty() {
+            return Err(HedfError::Invalid("a user needs a name".into()));
+        }
         self.hashes
             .insert(name.to_string(), hash_password(password)?);
         Ok(())
@@ -59,6 +63,9 @@ impl Users {
     /// Checks a password. An unknown user costs as much as a wrong password, so timing does not
     /// tell which names exist.
     pub fn verify(&self, name: &str, password: &str) -> bool {
+        if password.is_empty() {
+            return false;
+        }
         static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         let (hash, known) = match self.hashes.get(name) {
             Some(h) => (h.as_str(), true),
@@ -80,8 +87,14 @@ impl Users {
     }
 }
 
-/// An Argon2id PHC string for `password` with a fresh random salt.
+/// An Argon2id PHC string for `password` with a fresh random salt. An empty password is
+/// refused: it would let anyone who knows the user name in.
 pub fn hash_password(password: &str) -> Result<String> {
+    if password.is_empty() {
+        return Err(HedfError::Invalid(
+            "empty password: choose a password".into(),
+        ));
+    }
     let mut salt = [0u8; 16];
     getrandom::fill(&mut salt).map_err(|e| HedfError::Io(std::io::Error::other(e)))?;
     let salt = SaltString::encode_b64(&salt).map_err(|e| HedfError::Invalid(e.to_string()))?;

@@ -5,6 +5,7 @@
 //! under the tenant of whoever presents it, so a handle leaked to another user reveals nothing.
 
 pub mod auth;
+mod stream_end;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,11 +43,12 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::catalog::{Catalog, IfExists, IngestMode, Tenant};
+use crate::catalog::{Catalog, IfExists, IngestMode, Tenant, UploadOptions};
 use crate::error::{HedfError, Result};
 use crate::session::{CATALOG, SCHEMA};
 use crate::statement::{plan, Planned};
 use auth::{Tokens, Users};
+use stream_end::{StreamEnd, TrackStreamEnd};
 
 /// `app_metadata` of a FlightData message by which a client abandons its upload: a stream that
 /// merely ends is a complete upload, so a client whose source fails must say so.
@@ -59,6 +61,9 @@ const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub const WINDOW_BYTES: u32 = 16 << 20;
 /// Result batches are cut into Flight messages of about this size.
 const FLIGHT_DATA_BYTES: usize = 4 << 20;
+/// Ingest option (`CommandStatementIngest.options`) by which a client stores a table without
+/// any encrypted column on purpose; the value must be "true".
+pub const ALLOW_PLAINTEXT_OPTION: &str = "hedf.allow_plaintext";
 
 /// How a server runs.
 pub struct ServerConfig {
@@ -175,27 +180,81 @@ impl HedfFlightService {
         }
     }
 
-    /// Bulk ingest: validated batches stream into a new segment on a blocking thread; the
-    /// table changes only when the whole upload has arrived.
+    /// Bulk ingest as a pipeline: wait for the schema, stream validated batches into a new
+    /// segment on a blocking thread, then finish with one outcome. The table changes only if
+    /// the client completed the stream (see [`StreamEnd`]): an error, an abort marker, a reset
+    /// (cancel, deadline) or a dropped connection leaves the old table.
     async fn ingest(
         &self,
         tenant: Arc<Tenant>,
         command: CommandStatementIngest,
-        request: PeekableFlightDataStream,
+        request: Request<PeekableFlightDataStream>,
     ) -> Result<i64> {
-        if command.temporary || command.transaction_id.is_some() {
+        let end = request.extensions().get::<Arc<StreamEnd>>().cloned();
+        let (mode, options) = ingest_command(&command)?;
+        let mut batches = self.upload_batches(request.into_inner());
+
+        // Waiting for the schema: the first batch, or the schema of an empty upload.
+        let first = next_batch(&mut batches).await?;
+        let schema = match (&first, batches.schema()) {
+            (Some(batch), _) => batch.schema(),
+            (None, Some(schema)) => schema.clone(),
+            (None, None) => return Err(HedfError::Invalid("the upload carried no schema".into())),
+        };
+        let upload = tenant.begin_upload(&command.table, mode, options, &schema)?;
+
+        // Writing: batches go to a blocking thread, which commits only when told to.
+        let (batch_tx, mut batch_rx) = tokio::sync::mpsc::channel::<RecordBatch>(2);
+        let (commit_tx, commit_rx) = tokio::sync::oneshot::channel::<()>();
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut upload = upload;
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                while let Some(batch) = batch_rx.blocking_recv() {
+                    upload.write(&batch)?;
+                }
+                Ok(())
+            }))
+            .unwrap_or_else(|_| Err(malformed_upload()))?;
+            match commit_rx.blocking_recv() {
+                Ok(()) => upload.commit(),
+                Err(_) => Err(HedfError::Cancelled),
+            }
+        });
+        let received: Result<()> = async {
+            let mut next = first;
+            while let Some(batch) = next {
+                if batch_tx.send(batch).await.is_err() {
+                    return Ok(()); // the writer failed; its error is the outcome
+                }
+                next = next_batch(&mut batches).await?;
+            }
+            Ok(())
+        }
+        .await;
+        drop(batch_tx);
+
+        // Finishing: commit only a stream the client completed.
+        let completed = end.as_ref().is_none_or(|end| end.completed());
+        if received.is_ok() && completed {
+            let _ = commit_tx.send(());
+        } else {
+            drop(commit_tx);
+        }
+        let written = writer
+            .await
+            .map_err(|e| HedfError::Io(std::io::Error::other(e)));
+        received?;
+        if !completed {
             return Err(HedfError::Invalid(
-                "temporary tables and transactions are not supported".into(),
+                "the upload was cancelled before the client completed it; the table is unchanged"
+                    .into(),
             ));
         }
-        if command.catalog.as_deref().is_some_and(|c| c != CATALOG)
-            || command.schema.as_deref().is_some_and(|s| s != SCHEMA)
-        {
-            return Err(HedfError::Invalid(format!(
-                "tables live in catalog {CATALOG:?}, schema {SCHEMA:?}"
-            )));
-        }
-        let mode = ingest_mode(&command)?;
+        Ok(written?? as i64)
+    }
+
+    /// The batches of an upload stream, with the size limit and the abort marker applied.
+    fn upload_batches(&self, request: PeekableFlightDataStream) -> FlightRecordBatchStream {
         let limit = self.max_upload_bytes;
         let mut received: u64 = 0;
         let data = request.map(move |message| {
@@ -211,56 +270,7 @@ impl HedfFlightService {
             }
             Ok(message)
         });
-        let mut batches =
-            FlightRecordBatchStream::new_from_flight_data(data.map_err(FlightError::from));
-        let (sender, mut receiver) = tokio::sync::mpsc::channel::<RecordBatch>(2);
-        let mut writer = None;
-        let start = |schema: SchemaRef| {
-            let mut upload = tenant.begin_upload(&command.table, mode, &schema)?;
-            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<bool>();
-            let task = tokio::task::spawn_blocking(move || -> Result<usize> {
-                while let Some(batch) = receiver.blocking_recv() {
-                    upload.write(&batch)?;
-                }
-                // The channel also closes when the upload fails; only a complete one commits.
-                match done_rx.blocking_recv() {
-                    Ok(true) => upload.commit(),
-                    _ => Err(HedfError::Invalid("upload interrupted".into())),
-                }
-            });
-            Ok::<_, HedfError>((task, done_tx))
-        };
-        let mut start = Some(start);
-        let outcome: Result<()> = async {
-            while let Some(batch) = batches.next().await {
-                let batch = batch.map_err(flight_to_hedf)?;
-                if writer.is_none() {
-                    writer = Some((start.take().expect("starts once"))(batch.schema())?);
-                }
-                if sender.send(batch).await.is_err() {
-                    break; // the writer failed; its error is reported below
-                }
-            }
-            Ok(())
-        }
-        .await;
-        drop(sender);
-        if writer.is_none() && outcome.is_ok() {
-            let schema = batches
-                .schema()
-                .cloned()
-                .ok_or_else(|| HedfError::Invalid("the upload carried no schema".into()))?;
-            writer = Some((start.take().expect("starts once"))(schema)?);
-        }
-        let Some((task, done)) = writer else {
-            return outcome.map(|_| 0);
-        };
-        let _ = done.send(outcome.is_ok());
-        let written = task
-            .await
-            .map_err(|e| HedfError::Io(std::io::Error::other(e)))?;
-        outcome?;
-        Ok(written? as i64)
+        FlightRecordBatchStream::new_from_flight_data(data.map_err(FlightError::from))
     }
 
     /// FlightInfo for a metadata call, for an authenticated caller: its ticket is the command.
@@ -312,6 +322,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(WINDOW_BYTES))
         .initial_connection_window_size(Some(2 * WINDOW_BYTES))
+        .layer(TrackStreamEnd)
         .add_service(server)
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -321,7 +332,35 @@ pub async fn serve(
         .map_err(|e| HedfError::Io(std::io::Error::other(e)))
 }
 
-fn ingest_mode(command: &CommandStatementIngest) -> Result<IngestMode> {
+/// What an ingest command asks for: its mode and options. Temporary tables, transactions and
+/// other catalogs are refused.
+fn ingest_command(command: &CommandStatementIngest) -> Result<(IngestMode, UploadOptions)> {
+    if command.temporary || command.transaction_id.is_some() {
+        return Err(HedfError::Invalid(
+            "temporary tables and transactions are not supported".into(),
+        ));
+    }
+    if command.catalog.as_deref().is_some_and(|c| c != CATALOG)
+        || command.schema.as_deref().is_some_and(|s| s != SCHEMA)
+    {
+        return Err(HedfError::Invalid(format!(
+            "tables live in catalog {CATALOG:?}, schema {SCHEMA:?}"
+        )));
+    }
+    // Other clients' options are theirs to send; an unknown hedf option is a mistake to report.
+    let mut upload = UploadOptions::default();
+    for (key, value) in &command.options {
+        match (key.as_str(), value.as_str()) {
+            (ALLOW_PLAINTEXT_OPTION, "true") => upload.allow_plaintext = true,
+            (ALLOW_PLAINTEXT_OPTION, "false") => upload.allow_plaintext = false,
+            (key, _) if !key.starts_with("hedf.") => {}
+            _ => {
+                return Err(HedfError::Invalid(format!(
+                    "unknown ingest option {key}={value} (hedf knows {ALLOW_PLAINTEXT_OPTION}=true|false)"
+                )))
+            }
+        }
+    }
     let options = command.table_definition_options.unwrap_or_default();
     let create_if_missing = match TableNotExistOption::try_from(options.if_not_exist) {
         Ok(TableNotExistOption::Create) => true,
@@ -342,13 +381,35 @@ fn ingest_mode(command: &CommandStatementIngest) -> Result<IngestMode> {
             ))
         }
     };
-    Ok(IngestMode {
+    let mode = IngestMode {
         create_if_missing,
         if_exists,
-    })
+    };
+    Ok((mode, upload))
 }
 
-/// A table reference's table name, if it points into the tenant's catalog and schema.
+/// The next batch of an upload. A panic of the decoder on malformed input becomes an error for
+/// this upload instead of taking the connection down.
+async fn next_batch(batches: &mut FlightRecordBatchStream) -> Result<Option<RecordBatch>> {
+    let polled = futures::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batches.poll_next_unpin(cx)))
+        {
+            Ok(polled) => polled.map(Ok),
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
+    })
+    .await;
+    match polled {
+        Ok(Some(batch)) => batch.map(Some).map_err(flight_to_hedf),
+        Ok(None) => Ok(None),
+        Err(()) => Err(malformed_upload()),
+    }
+}
+
+fn malformed_upload() -> HedfError {
+    HedfError::Invalid("malformed upload: a message is not valid Arrow IPC data".into())
+}
+
 fn encode(
     schema: SchemaRef,
     batches: impl Stream<Item = std::result::Result<RecordBatch, FlightError>> + Send + 'static,
@@ -385,6 +446,8 @@ fn user_code(e: &HedfError) -> Option<tonic::Code> {
     Some(match e {
         NoSuchTable(_) => Code::NotFound,
         TableExists(_) => Code::AlreadyExists,
+        Damaged { .. } => Code::DataLoss,
+        Cancelled => Code::Cancelled,
         Unauthenticated(_) => Code::Unauthenticated,
         TooLarge(_) => Code::ResourceExhausted,
         KeyMismatch { .. }
@@ -430,9 +493,17 @@ fn datafusion_status(e: DataFusionError) -> Status {
 }
 
 fn internal(e: &dyn std::fmt::Display) -> Status {
-    eprintln!("hedf serve: internal error: {e}");
+    tracing::error!(error = %e, "internal error");
     Status::internal("internal error (details are in the server log)")
 }
+
+/// Base64 of Basic credentials, padded or not: RFC 7617 pads, but the stock ADBC driver (Go)
+/// sends unpadded base64, so both are accepted.
+const BASIC_CREDENTIALS: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
 
 fn sql_info() -> &'static SqlInfoData {
     static INFO: OnceLock<SqlInfoData> = OnceLock::new();
@@ -486,8 +557,8 @@ impl FlightSqlService for HedfFlightService {
         let encoded = header
             .strip_prefix("Basic ")
             .ok_or_else(|| Status::unauthenticated("handshake needs Basic credentials"))?;
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(encoded)
+        let decoded = BASIC_CREDENTIALS
+            .decode(encoded.trim())
             .ok()
             .and_then(|b| String::from_utf8(b).ok())
             .ok_or_else(refused)?;
@@ -683,7 +754,7 @@ impl FlightSqlService for HedfFlightService {
         request: Request<PeekableFlightDataStream>,
     ) -> std::result::Result<i64, Status> {
         let tenant = self.tenant(&request)?;
-        self.ingest(tenant, command, request.into_inner())
+        self.ingest(tenant, command, request)
             .await
             .map_err(to_status)
     }

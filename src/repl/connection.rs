@@ -8,7 +8,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use futures::future::BoxFuture;
 
-use crate::catalog::{Catalog, IngestMode, Tenant};
+use crate::catalog::{Catalog, IngestMode, Tenant, UploadOptions};
 use crate::error::Result;
 use crate::remote::Remote;
 use crate::statement;
@@ -72,12 +72,13 @@ impl Connection {
         &mut self,
         table: &str,
         mode: IngestMode,
+        options: UploadOptions,
         schema: SchemaRef,
         batches: impl Iterator<Item = Result<RecordBatch>> + Send + 'static,
     ) -> Result<i64> {
         match self {
             Connection::Local { tenant, .. } => {
-                let mut upload = tenant.begin_upload(table, mode, &schema)?;
+                let mut upload = tenant.begin_upload(table, mode, options, &schema)?;
                 for batch in batches {
                     upload.write(&batch?)?;
                 }
@@ -85,7 +86,7 @@ impl Connection {
             }
             Connection::Remote { remote, .. } => {
                 remote
-                    .upload(table, mode, schema, futures::stream::iter(batches))
+                    .upload(table, mode, options, schema, futures::stream::iter(batches))
                     .await
             }
         }

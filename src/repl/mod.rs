@@ -20,7 +20,7 @@ use rustyline::error::ReadlineError;
 
 pub use connection::{Connection, LOCAL_USER};
 
-use crate::cell::ColumnCrypto;
+use crate::cell::{ColumnCrypto, ColumnMarking};
 use crate::client::decrypt_readable;
 use crate::display::{self, Format};
 use crate::error::{HedfError, Result};
@@ -347,7 +347,7 @@ fn is_encrypted(schema: &Schema) -> bool {
     schema
         .fields()
         .iter()
-        .any(|f| matches!(ColumnCrypto::from_metadata(f.metadata()), Ok(Some(_))))
+        .any(|f| matches!(ColumnMarking::from_metadata(f.metadata()), Ok(Some(_))))
 }
 
 fn strings(values: Vec<String>) -> ArrayRef {
@@ -434,7 +434,7 @@ fn column_crypto(schema: &Schema) -> Result<Vec<Option<ColumnCrypto>>> {
     schema
         .fields()
         .iter()
-        .map(|f| Ok(ColumnCrypto::from_metadata(f.metadata())?.map(|(_, c)| c)))
+        .map(|f| Ok(ColumnMarking::from_metadata(f.metadata())?.map(|m| m.crypto)))
         .collect()
 }
 

@@ -58,12 +58,12 @@ fn assemble(
         .map(|c| match c {
             ColumnLayout::Plain { storage } => Ok(batch.column(*storage).clone()),
             ColumnLayout::Cell {
-                crypto,
+                marking,
                 body,
                 row,
                 seed,
             } => Ok(Arc::new(assemble_cells(
-                crypto,
+                &marking.crypto,
                 batch.column(*body),
                 batch.column(*row),
                 batch.column(*seed),

@@ -18,8 +18,9 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding};
 use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
 use parquet::schema::types::ColumnPath;
+use tempfile::NamedTempFile;
 
-use crate::cell::{assemble_cell, CellRef, ColumnCrypto, KIND_CELL};
+use crate::cell::{assemble_cell, CellRef, ColumnCrypto, ColumnKind, ColumnMarking};
 use crate::error::{HedfError, Result};
 use crate::keys::{is_key_material, KeyId};
 use crate::params::POLYNOMIAL_SIZE;
@@ -36,7 +37,7 @@ pub(crate) enum ColumnLayout {
         storage: usize,
     },
     Cell {
-        crypto: ColumnCrypto,
+        marking: ColumnMarking,
         body: usize,
         row: usize,
         seed: usize,
@@ -52,25 +53,41 @@ pub(crate) struct StorageLayout {
     pub key_id: Option<KeyId>,
 }
 
-fn is_reserved(name: &str) -> bool {
-    name.starts_with("__hedf_")
-}
-
 impl StorageLayout {
-    /// Validates an encrypted (engine) schema: marked, well-formed cell columns, one key id.
+    /// Whether `name` is one of hedf's own stored columns (rows and seeds of a measure).
+    pub fn is_reserved(name: &str) -> bool {
+        name.starts_with("__hedf_")
+    }
+
+    /// Validates an encrypted (engine) schema: distinct non-empty names, marked and
+    /// well-formed cell columns, one key id, no key material in metadata.
     pub fn from_engine(engine: &Schema) -> Result<Self> {
         let mut storage_fields = Vec::new();
         let mut extra = Vec::new();
         let mut columns = Vec::new();
         let mut key_id = None;
+        refuse_key_material_in_metadata("the schema", engine.metadata())?;
+        let mut names = std::collections::HashSet::new();
         for field in engine.fields() {
-            if is_reserved(field.name()) {
+            if field.name().trim().is_empty() {
+                return Err(HedfError::Invalid(
+                    "a column has an empty name; name every column".into(),
+                ));
+            }
+            if !names.insert(field.name()) {
+                return Err(HedfError::Invalid(format!(
+                    "two columns are named {:?}; column names must be distinct",
+                    field.name()
+                )));
+            }
+            if Self::is_reserved(field.name()) {
                 return Err(HedfError::Invalid(format!(
                     "column name {:?} is reserved",
                     field.name()
                 )));
             }
-            match ColumnCrypto::from_metadata(field.metadata())? {
+            refuse_key_material_in_metadata(field.name(), field.metadata())?;
+            match ColumnMarking::from_metadata(field.metadata())? {
                 None => {
                     if matches!(field.data_type(), DataType::FixedSizeBinary(_)) {
                         // An unmarked binary column could be ciphertext that lost its marking.
@@ -84,14 +101,16 @@ impl StorageLayout {
                     });
                     storage_fields.push(field.as_ref().clone());
                 }
-                Some((kind, crypto)) => {
-                    if kind != KIND_CELL
+                Some(marking) => {
+                    let crypto = marking.crypto;
+                    if marking.kind != ColumnKind::Cell
                         || field.data_type()
                             != &DataType::FixedSizeBinary(crypto.cell_width() as i32)
                     {
                         return Err(HedfError::Invalid(format!(
-                            "column {:?} is marked {kind} but is not a {}-byte cell column",
+                            "column {:?} is marked {} but is not a {}-byte cell column",
                             field.name(),
+                            marking.kind.as_str(),
                             crypto.cell_width()
                         )));
                     }
@@ -103,7 +122,7 @@ impl StorageLayout {
                     }
                     let limbs = crypto.spec.limbs as i32;
                     columns.push(ColumnLayout::Cell {
-                        crypto,
+                        marking,
                         body: storage_fields.len(),
                         row: usize::MAX,
                         seed: usize::MAX,
@@ -146,11 +165,11 @@ impl StorageLayout {
         let engine_fields: Vec<Field> = storage
             .fields()
             .iter()
-            .filter(|f| !is_reserved(f.name()))
-            .map(|f| match ColumnCrypto::from_metadata(f.metadata()) {
-                Ok(Some((_, crypto))) => Ok(Field::new(
+            .filter(|f| !Self::is_reserved(f.name()))
+            .map(|f| match ColumnMarking::from_metadata(f.metadata()) {
+                Ok(Some(marking)) => Ok(Field::new(
                     f.name(),
-                    DataType::FixedSizeBinary(crypto.cell_width() as i32),
+                    DataType::FixedSizeBinary(marking.crypto.cell_width() as i32),
                     true,
                 )
                 .with_metadata(f.metadata().clone())),
@@ -158,7 +177,10 @@ impl StorageLayout {
                 Err(e) => Err(e),
             })
             .collect::<Result<_>>()?;
-        let layout = Self::from_engine(&Schema::new(engine_fields))?;
+        let layout = Self::from_engine(&Schema::new_with_metadata(
+            engine_fields,
+            storage.metadata().clone(),
+        ))?;
         let matches = layout.storage.fields().len() == storage.fields().len()
             && layout
                 .storage
@@ -184,10 +206,11 @@ impl StorageLayout {
         let mut plain: Vec<ArrayRef> = Vec::new();
         let mut extra: Vec<ArrayRef> = Vec::new();
         for (layout, column) in self.columns.iter().zip(batch.columns()) {
-            let ColumnLayout::Cell { crypto, .. } = layout else {
+            let ColumnLayout::Cell { marking, .. } = layout else {
                 plain.push(column.clone());
                 continue;
             };
+            let crypto = &marking.crypto;
             let cells = column
                 .as_fixed_size_binary_opt()
                 .ok_or_else(|| HedfError::Invalid("cell column is not FixedSizeBinary".into()))?;
@@ -235,7 +258,7 @@ impl StorageLayout {
         for field in self.storage.fields().iter() {
             let name = field.name();
             let path = ColumnPath::from(name.as_str());
-            let is_cipher = ColumnCrypto::from_metadata(field.metadata())
+            let is_cipher = ColumnMarking::from_metadata(field.metadata())
                 .ok()
                 .flatten()
                 .is_some();
@@ -261,7 +284,11 @@ impl StorageLayout {
     /// Recovers the layout of an upload: stored parts (bodies, rows, seeds, as written by
     /// [`SegmentWriter`]) when the schema has hedf's reserved columns, engine cells otherwise.
     pub fn from_upload(uploaded: &Schema) -> Result<(Self, UploadFormat)> {
-        if uploaded.fields().iter().any(|f| is_reserved(f.name())) {
+        if uploaded
+            .fields()
+            .iter()
+            .any(|f| Self::is_reserved(f.name()))
+        {
             Ok((Self::from_storage(uploaded)?, UploadFormat::Stored))
         } else {
             Ok((Self::from_engine(uploaded)?, UploadFormat::Cells))
@@ -284,8 +311,8 @@ impl StorageLayout {
                         && match (ca, cb) {
                             (ColumnLayout::Plain { .. }, ColumnLayout::Plain { .. }) => true,
                             (
-                                ColumnLayout::Cell { crypto: x, .. },
-                                ColumnLayout::Cell { crypto: y, .. },
+                                ColumnLayout::Cell { marking: x, .. },
+                                ColumnLayout::Cell { marking: y, .. },
                             ) => x == y,
                             _ => false,
                         }
@@ -375,54 +402,22 @@ fn describe(layout: &StorageLayout) -> String {
         .zip(&layout.columns)
         .map(|(f, c)| match c {
             ColumnLayout::Plain { .. } => format!("{} {}", f.name(), f.data_type()),
-            ColumnLayout::Cell { crypto, .. } => format!(
+            ColumnLayout::Cell { marking, .. } => format!(
                 "{} encrypted(key {}, scale {}, {} limbs)",
                 f.name(),
-                crypto.key_id,
-                crypto.spec.scale,
-                crypto.spec.limbs
+                marking.crypto.key_id,
+                marking.crypto.spec.scale,
+                marking.crypto.spec.limbs
             ),
         })
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-/// Refuses a plaintext column holding a serialized client key: the server must never store one.
+/// Refuses a plaintext column holding a serialized client key anywhere in its bytes, nested
+/// types (lists, structs, maps, dictionaries, views) included: the server must never store one.
 fn refuse_key_material(name: &str, column: &ArrayRef) -> Result<()> {
-    let found = match column.data_type() {
-        DataType::Binary => column
-            .as_binary::<i32>()
-            .iter()
-            .flatten()
-            .any(is_key_material),
-        DataType::LargeBinary => column
-            .as_binary::<i64>()
-            .iter()
-            .flatten()
-            .any(is_key_material),
-        DataType::BinaryView => column
-            .as_binary_view()
-            .iter()
-            .flatten()
-            .any(is_key_material),
-        DataType::Utf8 => column
-            .as_string::<i32>()
-            .iter()
-            .flatten()
-            .any(|v| is_key_material(v.as_bytes())),
-        DataType::LargeUtf8 => column
-            .as_string::<i64>()
-            .iter()
-            .flatten()
-            .any(|v| is_key_material(v.as_bytes())),
-        DataType::Utf8View => column
-            .as_string_view()
-            .iter()
-            .flatten()
-            .any(|v| is_key_material(v.as_bytes())),
-        _ => false,
-    };
-    if found {
+    if holds_key_material(&column.to_data()) {
         return Err(HedfError::Invalid(format!(
             "column {name:?} contains secret key material (a hedf client key); the server never \
              stores keys: upload only the encrypted table"
@@ -431,14 +426,37 @@ fn refuse_key_material(name: &str, column: &ArrayRef) -> Result<()> {
     Ok(())
 }
 
-/// Writes one immutable Parquet segment atomically: a temporary file, fsync, rename, fsync of
-/// the folder. Dropped before [`SegmentWriter::finish`], it removes the temporary file.
+/// Whether any buffer of `data` or of its children holds a key's magic. Scanning raw buffers
+/// covers every type that can carry bytes without a case per type.
+fn holds_key_material(data: &arrow::array::ArrayData) -> bool {
+    data.buffers().iter().any(|b| is_key_material(b.as_slice()))
+        || data.child_data().iter().any(holds_key_material)
+}
+
+fn refuse_key_material_in_metadata(
+    what: &str,
+    metadata: &std::collections::HashMap<String, String>,
+) -> Result<()> {
+    let found = metadata
+        .iter()
+        .any(|(k, v)| is_key_material(k.as_bytes()) || is_key_material(v.as_bytes()));
+    if found {
+        return Err(HedfError::Invalid(format!(
+            "metadata of {what} contains secret key material (a hedf client key); the server \
+             never stores keys"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes one immutable Parquet segment atomically: a temporary file (fresh random name, opened
+/// exclusively, mode 0600) in the target's folder, fsync, rename, fsync of the folder. Dropped
+/// before [`SegmentWriter::finish`], it removes the temporary file.
 pub struct SegmentWriter {
     layout: Arc<StorageLayout>,
     format: UploadFormat,
     path: PathBuf,
-    tmp: PathBuf,
-    writer: Option<ArrowWriter<File>>,
+    writer: ArrowWriter<NamedTempFile>,
     rows: usize,
 }
 
@@ -448,23 +466,14 @@ impl SegmentWriter {
         layout: Arc<StorageLayout>,
         format: UploadFormat,
     ) -> Result<Self> {
-        let tmp = path.with_extension("parquet.tmp");
-        let file = File::create(&tmp)?;
+        let tmp = NamedTempFile::new_in(parent_dir(path))?;
         let props = layout.writer_properties();
-        let writer = ArrowWriter::try_new(file, layout.storage.clone(), Some(props));
-        let writer = match writer {
-            Ok(w) => w,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e.into());
-            }
-        };
+        let writer = ArrowWriter::try_new(tmp, layout.storage.clone(), Some(props))?;
         Ok(SegmentWriter {
             layout,
             format,
             path: path.to_path_buf(),
-            tmp,
-            writer: Some(writer),
+            writer,
             rows: 0,
         })
     }
@@ -473,10 +482,7 @@ impl SegmentWriter {
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         let stored = self.layout.to_stored(self.format, batch)?;
         self.rows += stored.num_rows();
-        self.writer
-            .as_mut()
-            .expect("writer is open until finish")
-            .write(&stored)?;
+        self.writer.write(&stored)?;
         Ok(())
     }
 
@@ -489,25 +495,21 @@ impl SegmentWriter {
     }
 
     /// Makes the segment durable under its final name; returns its row count.
-    pub fn finish(mut self) -> Result<usize> {
-        let writer = self.writer.take().expect("finish runs once");
-        writer.into_inner()?.sync_all()?;
-        std::fs::rename(&self.tmp, &self.path)?;
-        // A bare file name's parent is "", the current folder.
-        let dir = match self.path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        File::open(dir)?.sync_all()?;
+    pub fn finish(self) -> Result<usize> {
+        let tmp = self.writer.into_inner()?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&self.path)
+            .map_err(|e| HedfError::Io(e.error))?;
+        File::open(parent_dir(&self.path))?.sync_all()?;
         Ok(self.rows)
     }
 }
 
-impl Drop for SegmentWriter {
-    fn drop(&mut self) {
-        if self.writer.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+/// The folder a file lives in; a bare file name's parent is "", the current folder.
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
     }
 }
 

@@ -21,7 +21,7 @@ use datafusion::logical_expr::{
 
 pub use accumulator::HeSumAccumulator;
 
-use crate::cell::{ColumnCrypto, KIND_CELL, KIND_SUM, META_KEY_ID, META_KIND};
+use crate::cell::{ColumnKind, ColumnMarking, META_KEY_ID, META_KIND};
 
 /// The registered name of the aggregate.
 pub const HE_SUM: &str = "he_sum";
@@ -38,8 +38,8 @@ struct HeSum {
     signature: Signature,
 }
 
-/// The crypto of he_sum's argument, or a planning error saying why it cannot be summed.
-fn argument_crypto(field: &Field) -> Result<ColumnCrypto> {
+/// The marking of he_sum's argument, or a planning error saying why it cannot be summed.
+fn argument_marking(field: &Field) -> Result<ColumnMarking> {
     let meta = field.metadata();
     if meta.contains_key(META_KIND) && !meta.contains_key(META_KEY_ID) {
         // DataFusion drops metadata values that differ between UNION inputs.
@@ -48,8 +48,8 @@ fn argument_crypto(field: &Field) -> Result<ColumnCrypto> {
             field.name()
         );
     }
-    match ColumnCrypto::from_metadata(field.metadata())? {
-        Some((kind, crypto)) if kind == KIND_CELL => Ok(crypto),
+    match ColumnMarking::from_metadata(field.metadata())? {
+        Some(marking) if marking.kind == ColumnKind::Cell => Ok(marking),
         Some(_) => plan_err!("he_sum({}) is already a sum; he_sum takes an encrypted column", field.name()),
         None => plan_err!(
             "he_sum({0}): {0} is a plaintext {1} column; he_sum sums encrypted columns (use SUM for plaintext)",
@@ -73,10 +73,10 @@ impl AggregateUDFImpl for HeSum {
     }
 
     fn return_field(&self, arg_fields: &[FieldRef]) -> Result<FieldRef> {
-        let crypto = argument_crypto(&arg_fields[0])?;
+        // The sum keeps the column's tag, so the client can check it as it decrypts.
+        let marking = argument_marking(&arg_fields[0])?.with_kind(ColumnKind::Sum);
         Ok(Arc::new(
-            Field::new(HE_SUM, DataType::LargeBinary, true)
-                .with_metadata(crypto.metadata(KIND_SUM)),
+            Field::new(HE_SUM, DataType::LargeBinary, true).with_metadata(marking.metadata()),
         ))
     }
 
@@ -108,7 +108,7 @@ fn new_accumulator(args: &AccumulatorArgs) -> Result<HeSumAccumulator> {
     let field = &args.expr_fields[0];
     Ok(HeSumAccumulator::new(
         field.name().clone(),
-        argument_crypto(field)?,
+        argument_marking(field)?.crypto,
     ))
 }
 

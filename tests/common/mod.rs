@@ -80,3 +80,67 @@ pub fn assert_seed_rows_reproduced(out: &str) {
         );
     }
 }
+
+/// The Python interpreter of the tests' own virtual environment (under cargo's target
+/// folder), created on first use with the pinned packages of `tests/python/requirements.txt`,
+/// so `cargo test` needs nothing installed by hand. Test binaries may run at once: a lock
+/// folder makes one of them build the environment while the others wait.
+pub fn python() -> std::path::PathBuf {
+    static PYTHON: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(make_python_env).clone()
+}
+
+fn make_python_env() -> std::path::PathBuf {
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let requirements = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/requirements.txt");
+    let pinned = std::fs::read_to_string(&requirements).unwrap();
+    let venv = tmp.join("hedf-pyenv");
+    let python = venv.join("bin/python");
+    let stamp = venv.join("installed-requirements.txt");
+    let _lock = LockDir::acquire(&tmp.join("hedf-pyenv.lock"));
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == pinned) {
+        return python;
+    }
+    let run = |cmd: &mut Command| {
+        let status = cmd.status().unwrap();
+        assert!(status.success(), "{cmd:?} failed");
+    };
+    let _ = std::fs::remove_dir_all(&venv);
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(&requirements));
+    std::fs::write(&stamp, &pinned).unwrap();
+    python
+}
+
+/// A folder used as a lock between processes; removed when dropped, also on a panic.
+struct LockDir(std::path::PathBuf);
+
+impl LockDir {
+    fn acquire(path: &Path) -> LockDir {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
+        while std::fs::create_dir(path).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} held for 15 minutes",
+                path.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        LockDir(path.to_path_buf())
+    }
+}
+
+impl Drop for LockDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}

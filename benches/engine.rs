@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Decimal128Array, RecordBatch, StringArray};
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
-use hedf::client::{decrypt_batch, Encryptor, MeasureColumn};
-use hedf::keys::ClientKey;
+use hedf::crypto::client::{decrypt_batch, Encryptor, MeasureColumn};
+use hedf::crypto::keys::ClientKey;
 use hedf::table::EncryptedTable;
 use parquet::arrow::ArrowWriter;
 
@@ -202,7 +202,7 @@ async fn run_queries(key: &ClientKey, dir: &Path, rows: usize, partitions: usize
     let values = rows * MEASURES.len();
     println!("target_partitions {partitions}:");
     let config = SessionConfig::new().with_target_partitions(partitions);
-    let ctx = hedf::session::new_context_with_config(config);
+    let ctx = hedf::engine::session::new_context_with_config(config);
     ctx.register_table(
         "enc",
         Arc::new(EncryptedTable::open(&dir.join("enc")).unwrap()),

@@ -4,6 +4,9 @@
 //! cargo bench --bench flight                  (ingest of 10^6 rows x 5 measures)
 //! HEDF_BENCH_ROWS=100000 cargo bench --bench flight
 
+#[path = "../tests/common/population.rs"]
+mod population;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,12 +14,12 @@ use arrow::array::{ArrayRef, Decimal128Array, RecordBatch, StringArray};
 use arrow::datatypes::SchemaRef;
 use arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
 use arrow::ipc::CompressionType;
-use hedf::catalog::{IngestMode, UploadOptions};
-use hedf::client::{decrypt_batch, encrypt_batches, MeasureColumn};
-use hedf::demo::{aggregation_sql, population, YEARS};
-use hedf::flight::ServerConfig;
-use hedf::keys::ClientKey;
-use hedf::remote::Remote;
+use hedf::cli::remote::Remote;
+use hedf::crypto::client::{decrypt_batch, encrypt_batches, MeasureColumn};
+use hedf::crypto::keys::ClientKey;
+use hedf::protocol::{IngestMode, UploadOptions};
+use hedf::server::flight::ServerConfig;
+use population::{aggregation_sql, population, YEARS};
 
 const RUNS: usize = 50;
 
@@ -90,7 +93,7 @@ async fn main() {
         max_upload_bytes: u64::MAX,
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(hedf::flight::serve(
+    tokio::spawn(hedf::server::flight::serve(
         config,
         "127.0.0.1:0".parse().unwrap(),
         move |addr| addr_tx.send(addr).unwrap(),

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Decimal128Array, RecordBatch, StringArray};
 use arrow::util::pretty::print_batches;
-use hedf::client::{decrypt_batch, encrypt_batches, MeasureColumn};
-use hedf::keys::ClientKey;
+use hedf::crypto::client::{decrypt_batch, encrypt_batches, MeasureColumn};
+use hedf::crypto::keys::ClientKey;
 use hedf::table::EncryptedTable;
 
 #[tokio::main]
@@ -36,7 +36,7 @@ async fn main() -> hedf::Result<()> {
         None => tempfile::tempdir()?.keep(),
     };
     let table = EncryptedTable::create(&dir, schema, &encrypted)?;
-    let ctx = hedf::session::new_context();
+    let ctx = hedf::engine::session::new_context();
     ctx.register_table("sales", Arc::new(table))?;
     let results = ctx
         .sql("SELECT region, COUNT(*) AS orders, he_sum(sales) AS total FROM sales GROUP BY region ORDER BY region")

@@ -1,4 +1,9 @@
-//! The crate's one error type. The engine converts it to `DataFusionError` at its boundary.
+//! The crate's one error type, and the kind of each error: what the caller can do about it.
+//! The server maps a kind to a gRPC code (and sends it along, see
+//! [`crate::protocol::ERROR_KIND_HEADER`]); the client rebuilds it; DataFusion carries hedf's
+//! errors as `External` and [`HedfError::kind`] finds them again.
+
+use std::fmt;
 
 /// Everything that can go wrong in hedf, each with a message a user can act on.
 #[derive(Debug, thiserror::Error)]
@@ -45,14 +50,21 @@ pub enum HedfError {
     Unauthenticated(String),
     #[error("upload too large: {0}")]
     TooLarge(String),
-    #[error("server error ({code}): {message}")]
-    Remote { code: String, message: String },
+    /// A server's refusal, with the kind it sent.
+    #[error("{}{message}", remote_prefix(*kind))]
+    Remote { kind: ErrorKind, message: String },
+    /// The server could not be reached (what follows names it and says why).
+    #[error("cannot reach {0}")]
+    Unavailable(String),
     #[error("query cancelled")]
     Cancelled,
     #[error("invalid input: {0}")]
     Invalid(String),
     #[error("invalid key file: {0}")]
     KeyFile(String),
+    /// A failure that is not the caller's doing (a task that died, no randomness, ...).
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("Arrow error: {0}")]
@@ -70,7 +82,105 @@ pub enum HedfError {
 
 pub type Result<T, E = HedfError> = std::result::Result<T, E>;
 
+/// What a server's refusal is prefixed with: the server's messages say what went wrong, the
+/// kinds a person might not guess from that say what kind of failure it is.
+fn remote_prefix(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Unauthenticated => "authentication failed: ",
+        ErrorKind::Internal => "server error: ",
+        _ => "",
+    }
+}
+
+/// What kind of failure an error is, from the caller's side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    NotFound,
+    AlreadyExists,
+    /// The request is wrong: bad SQL, bad data, misuse of a ciphertext, a budget exceeded.
+    InvalidArgument,
+    Unauthenticated,
+    ResourceExhausted,
+    /// Stored data was lost or damaged.
+    DataLoss,
+    Cancelled,
+    Unavailable,
+    /// Not the caller's doing; the details stay in the server's log.
+    Internal,
+}
+
+impl ErrorKind {
+    const ALL: [ErrorKind; 9] = [
+        ErrorKind::NotFound,
+        ErrorKind::AlreadyExists,
+        ErrorKind::InvalidArgument,
+        ErrorKind::Unauthenticated,
+        ErrorKind::ResourceExhausted,
+        ErrorKind::DataLoss,
+        ErrorKind::Cancelled,
+        ErrorKind::Unavailable,
+        ErrorKind::Internal,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not-found",
+            ErrorKind::AlreadyExists => "already-exists",
+            ErrorKind::InvalidArgument => "invalid-argument",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::ResourceExhausted => "resource-exhausted",
+            ErrorKind::DataLoss => "data-loss",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
+    /// The kind named `name` (as [`Self::as_str`] writes it).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl HedfError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        use HedfError::*;
+        match self {
+            KeyMismatch { .. }
+            | MixedKeys { .. }
+            | Malformed(_)
+            | BudgetExceeded { .. }
+            | Encoding { .. }
+            | Invalid(_)
+            | KeyFile(_) => ErrorKind::InvalidArgument,
+            NoSuchTable(_) => ErrorKind::NotFound,
+            TableExists(_) => ErrorKind::AlreadyExists,
+            Damaged { .. } => ErrorKind::DataLoss,
+            Unauthenticated(_) => ErrorKind::Unauthenticated,
+            TooLarge(_) => ErrorKind::ResourceExhausted,
+            Remote { kind, .. } => *kind,
+            Unavailable(_) => ErrorKind::Unavailable,
+            Cancelled => ErrorKind::Cancelled,
+            Internal(_) | Io(_) | Arrow(_) => ErrorKind::Internal,
+            #[cfg(feature = "engine")]
+            Parquet(_) | Flight(_) => ErrorKind::Internal,
+            #[cfg(feature = "engine")]
+            DataFusion(e) => datafusion_kind(e),
+        }
+    }
+
+    /// An internal error from anything displayable (a join error, a failed random source).
+    pub fn internal(e: impl fmt::Display) -> Self {
+        HedfError::Internal(e.to_string())
+    }
+
     /// The error as one line for a person: hedf's own errors unwrapped from DataFusion's
     /// wrapping, backtraces dropped, line breaks folded.
     pub fn user_message(&self) -> String {
@@ -92,11 +202,51 @@ impl HedfError {
 }
 
 #[cfg(feature = "engine")]
+fn datafusion_kind(e: &datafusion::error::DataFusionError) -> ErrorKind {
+    use datafusion::error::DataFusionError::*;
+    match e.find_root() {
+        Plan(_) | SQL(..) | SchemaError(..) | NotImplemented(_) | Configuration(_) => {
+            ErrorKind::InvalidArgument
+        }
+        ResourcesExhausted(_) => ErrorKind::ResourceExhausted,
+        External(inner) => inner
+            .downcast_ref::<HedfError>()
+            .map_or(ErrorKind::Internal, HedfError::kind),
+        _ => ErrorKind::Internal,
+    }
+}
+
+#[cfg(feature = "engine")]
 impl From<HedfError> for datafusion::error::DataFusionError {
     fn from(e: HedfError) -> Self {
         match e {
             HedfError::DataFusion(e) => e,
             other => datafusion::error::DataFusionError::External(Box::new(other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_by_name() {
+        for kind in ErrorKind::ALL {
+            assert_eq!(ErrorKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(ErrorKind::parse("teapot"), None);
+    }
+
+    #[cfg(feature = "engine")]
+    #[test]
+    fn kinds_survive_datafusion_wrapping() {
+        let wrapped: datafusion::error::DataFusionError = HedfError::NoSuchTable("t".into()).into();
+        let e = HedfError::DataFusion(datafusion::error::DataFusionError::Context(
+            "planning".into(),
+            Box::new(wrapped),
+        ));
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(e.user_message(), "no such table: t");
     }
 }

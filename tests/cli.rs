@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use assert_cmd::Command;
+use common::population::{aggregation_sql, population};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
-use hedf::demo::{aggregation_sql, population};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -535,11 +535,11 @@ fn save_local_result(data: &Path, table: &Path, result: &Path) {
         .success();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (schema, batches) = runtime.block_on(async {
-        let tenant = hedf::catalog::Catalog::open(data)
+        let tenant = hedf::server::catalog::Catalog::open(data)
             .unwrap()
-            .tenant(hedf::repl::LOCAL_USER)
+            .tenant(hedf::protocol::ANONYMOUS)
             .unwrap();
-        hedf::statement::run(
+        hedf::engine::statement::run(
             &tenant,
             &aggregation_sql("population", "AREA", "he_sum").unwrap(),
         )

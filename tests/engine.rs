@@ -13,9 +13,9 @@ use arrow::datatypes::Decimal128Type;
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::prelude::{SessionConfig, SessionContext};
-use hedf::cell::ColumnMarking;
-use hedf::client::{decrypt_batch, decrypt_sum, encrypt_batches, MeasureColumn};
-use hedf::keys::ClientKey;
+use hedf::crypto::cell::ColumnMarking;
+use hedf::crypto::client::{decrypt_batch, decrypt_sum, encrypt_batches, MeasureColumn};
+use hedf::crypto::keys::ClientKey;
 use hedf::table::EncryptedTable;
 use hedf::udaf::HeSumAccumulator;
 use proptest::prelude::*;
@@ -26,7 +26,7 @@ fn key() -> &'static ClientKey {
 }
 
 fn context(partitions: usize, batch_size: usize) -> SessionContext {
-    hedf::session::new_context_with_config(
+    hedf::engine::session::new_context_with_config(
         SessionConfig::new()
             .with_target_partitions(partitions)
             .with_batch_size(batch_size),
@@ -199,7 +199,7 @@ async fn skip_partial_aggregation_path_is_exact() {
         .options_mut()
         .execution
         .skip_partial_aggregation_probe_ratio_threshold = 0.0;
-    let ctx = hedf::session::new_context_with_config(config);
+    let ctx = hedf::engine::session::new_context_with_config(config);
     let n = 3000;
     let groups = (0..n).map(|i| format!("g{}", (i * 37) % 1000)).collect();
     let v = (0..n).map(|i| Some(i as i128 - 1500)).collect();
@@ -281,13 +281,16 @@ fn seed_tables_are_reproduced_exactly() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut out = Vec::new();
-    rt.block_on(hedf::demo::run(dir.path(), &mut out)).unwrap();
+    let mut local = hedf::cli::connection::Connection::local(dir.path(), None).unwrap();
+    rt.block_on(hedf::cli::demo::run(&mut local, &mut out))
+        .unwrap();
     let out = String::from_utf8(out).unwrap();
     common::assert_seed_rows_reproduced(&out);
     assert!(
         out.contains("must be one of [\"AREA\", \"AGE GROUP\", \"SEX\"]"),
         "{out}"
     );
+    assert_eq!(out.matches("no such table: population").count(), 2, "{out}");
     assert_eq!(out.matches("verified: all").count(), 3);
 }
 
@@ -512,8 +515,8 @@ async fn runs_never_cross_from_one_group_into_the_next() {
 async fn csv_and_parquet_files_encrypt_into_tables_that_sum_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("population.csv");
-    std::fs::write(&csv, hedf::demo::POPULATION_CSV).unwrap();
-    let (schema, plain) = hedf::demo::population().unwrap();
+    std::fs::write(&csv, common::population::POPULATION_CSV).unwrap();
+    let (schema, plain) = common::population::population().unwrap();
     let parquet = dir.path().join("population.parquet");
     let mut writer = parquet::arrow::ArrowWriter::try_new(
         std::fs::File::create(&parquet).unwrap(),
@@ -530,19 +533,19 @@ async fn csv_and_parquet_files_encrypt_into_tables_that_sum_exactly() {
         Arc::new(MemTable::try_new(schema, vec![plain]).unwrap()),
     )
     .unwrap();
-    let years: Vec<MeasureColumn> = hedf::demo::YEARS
+    let years: Vec<MeasureColumn> = common::population::YEARS
         .iter()
         .map(|y| MeasureColumn::new(*y, 1))
         .collect();
     for (name, input) in [("from_csv", &csv), ("from_parquet", &parquet)] {
         let table =
-            hedf::ingest::encrypt_file(key(), input, &years, &dir.path().join(name)).unwrap();
+            hedf::table::files::encrypt_file(key(), input, &years, &dir.path().join(name)).unwrap();
         ctx.register_table(name, Arc::new(table)).unwrap();
         assert_same(
             &ctx,
             key(),
-            &hedf::demo::aggregation_sql(name, "AGE GROUP", "he_sum").unwrap(),
-            &hedf::demo::aggregation_sql("population_plain", "AGE GROUP", "SUM").unwrap(),
+            &common::population::aggregation_sql(name, "AGE GROUP", "he_sum").unwrap(),
+            &common::population::aggregation_sql("population_plain", "AGE GROUP", "SUM").unwrap(),
         )
         .await;
     }
@@ -550,7 +553,7 @@ async fn csv_and_parquet_files_encrypt_into_tables_that_sum_exactly() {
     // A value with more decimals than the scale is an error naming its row and column.
     let bad = dir.path().join("bad.csv");
     std::fs::write(&bad, "g,v\na,1.5\nb,2.25\n").unwrap();
-    let err = hedf::ingest::encrypt_file(
+    let err = hedf::table::files::encrypt_file(
         key(),
         &bad,
         &[MeasureColumn::new("v", 1)],

@@ -2,6 +2,8 @@
 //! answered with decrypted numbers, `\d`, `\timing`, Ctrl-C during a long query (the session
 //! survives), `\q`; the history file keeps the statements.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -9,9 +11,9 @@ use std::time::Duration;
 
 use arrow::array::AsArray;
 use arrow::datatypes::Decimal128Type;
+use common::population::population;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
-use hedf::demo::population;
 
 fn hedf(args: &[&str], dir: &Path) {
     let status = Command::new(env!("CARGO_BIN_EXE_hedf"))

@@ -1,5 +1,5 @@
 //! The Flight SQL server as a real process on loopback, driven by arrow-flight's client (through
-//! `hedf::remote::Remote` and `FlightSqlServiceClient` directly). Every decrypted answer is
+//! `hedf::cli::remote::Remote` and `FlightSqlServiceClient` directly). Every decrypted answer is
 //! compared with plaintext DataFusion on the same rows.
 
 mod common;
@@ -13,14 +13,14 @@ use arrow::datatypes::{DataType, Decimal128Type, Field, Schema, SchemaRef};
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::CommandGetPrimaryKeys;
+use common::population::{aggregation_sql, population, YEARS};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
-use hedf::catalog::{IngestMode, UploadOptions};
-use hedf::client::{decrypt_batch, encrypt_batches, MeasureColumn};
-use hedf::demo::{aggregation_sql, population, YEARS};
-use hedf::keys::ClientKey;
-use hedf::remote::Remote;
+use hedf::cli::remote::Remote;
+use hedf::crypto::client::{decrypt_batch, encrypt_batches, MeasureColumn};
+use hedf::crypto::keys::ClientKey;
+use hedf::protocol::{IngestMode, UploadOptions};
 use hedf::HedfError;
 
 const ALICE: (&str, &str) = ("alice", "alice-secret");
@@ -139,9 +139,7 @@ async fn assert_exact(remote: &mut Remote, plain: &SessionContext, over: &str, f
 
 fn code(e: &HedfError) -> String {
     match e {
-        HedfError::Remote { code, .. } => code.clone(),
-        HedfError::NoSuchTable(_) => "NotFound".into(),
-        HedfError::Unauthenticated(_) => "Unauthenticated".into(),
+        HedfError::Remote { kind, .. } => format!("{kind:?}"),
         other => format!("local: {other}"),
     }
 }
@@ -151,9 +149,10 @@ async fn seed_demo_replays_over_flight_sql() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]);
     let mut out = Vec::new();
-    hedf::demo::run_remote(&server.url, Some(ALICE), &mut out)
+    let mut remote = hedf::cli::connection::Connection::remote(&server.url, Some(ALICE))
         .await
         .unwrap();
+    hedf::cli::demo::run(&mut remote, &mut out).await.unwrap();
     let out = String::from_utf8(out).unwrap();
     common::assert_seed_rows_reproduced(&out);
     assert!(out.contains("152 rows"), "{out}");
@@ -404,7 +403,7 @@ async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
     for file in &files {
         let bytes = std::fs::read(tenant.join(file)).unwrap();
         assert!(
-            !hedf::keys::is_key_material(&bytes),
+            !hedf::crypto::keys::is_key_material(&bytes),
             "{file} holds key material"
         );
     }
@@ -456,9 +455,10 @@ async fn append_replace_interrupted_upload_and_restart() {
     // Stored parts (what `hedf encrypt` writes) upload as well as cells.
     let stored = dir.path().join("population.parquet");
     let input = dir.path().join("population.csv");
-    std::fs::write(&input, hedf::demo::POPULATION_CSV).unwrap();
-    hedf::ingest::encrypt_to_parquet(key(), &input, &measures(), &stored, &mut |_| {}).unwrap();
-    let (stored_schema, batches) = hedf::ingest::read_encrypted(&stored).unwrap();
+    std::fs::write(&input, common::population::POPULATION_CSV).unwrap();
+    hedf::table::files::encrypt_to_parquet(key(), &input, &measures(), &stored, &mut |_| {})
+        .unwrap();
+    let (stored_schema, batches) = hedf::table::files::read_encrypted(&stored).unwrap();
     let rows = alice
         .upload(
             "population",

@@ -4,6 +4,8 @@
 //! Tables: `population` (the demo dataset, encrypted) and `population_plain` (the same rows in
 //! plaintext), `measures` (a small encrypted table with negatives and NULLs) and `measures_plain`.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -12,8 +14,8 @@ use arrow::util::display::{ArrayFormatter, FormatOptions};
 use async_trait::async_trait;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::{SessionConfig, SessionContext};
-use hedf::client::{decrypt_batch, encrypt_batches, MeasureColumn};
-use hedf::keys::ClientKey;
+use hedf::crypto::client::{decrypt_batch, encrypt_batches, MeasureColumn};
+use hedf::crypto::keys::ClientKey;
 use hedf::table::EncryptedTable;
 use sqllogictest::{AsyncDB, DBOutput, DefaultColumnType};
 
@@ -91,9 +93,9 @@ async fn session(dir: &std::path::Path, key: &ClientKey) -> SessionContext {
     let config = SessionConfig::new()
         .with_target_partitions(2)
         .with_batch_size(16);
-    let ctx = hedf::session::new_context_with_config(config);
-    let (schema, population) = hedf::demo::population().unwrap();
-    let years: Vec<MeasureColumn> = hedf::demo::YEARS
+    let ctx = hedf::engine::session::new_context_with_config(config);
+    let (schema, population) = common::population::population().unwrap();
+    let years: Vec<MeasureColumn> = common::population::YEARS
         .iter()
         .map(|y| MeasureColumn::new(*y, 1))
         .collect();

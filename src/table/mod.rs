@@ -5,6 +5,7 @@
 //! cells on the fly by `CellAssembleExec`, one batch at a time. The provider holds no key.
 
 mod exec;
+pub mod files;
 pub(crate) mod storage;
 mod store;
 
@@ -30,8 +31,8 @@ use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+use crate::crypto::keys::KeyId;
 use crate::error::{HedfError, Result};
-use crate::keys::KeyId;
 use exec::CellAssembleExec;
 use storage::ColumnLayout;
 pub(crate) use storage::StorageLayout;
@@ -95,14 +96,14 @@ pub struct EncryptedTable {
 }
 
 impl EncryptedTable {
-    /// Creates the table folder and writes `batches` (encrypted, see [`crate::client::Encryptor`])
+    /// Creates the table folder and writes `batches` (encrypted, see [`crate::crypto::client::Encryptor`])
     /// as its first file. Fails if the folder already holds a table.
     pub fn create(dir: &Path, schema: SchemaRef, batches: &[RecordBatch]) -> Result<Self> {
         Self::create_streaming(dir, schema, batches.iter().cloned().map(Ok))
     }
 
     /// Like [`Self::create`], writing batches as they come: memory stays bounded by one batch,
-    /// e.g. with an [`crate::client::Encryptor`] mapped over a file reader (see [`crate::ingest`]).
+    /// e.g. with an [`crate::crypto::client::Encryptor`] mapped over a file reader (see [`crate::table::files`]).
     pub fn create_streaming<I>(dir: &Path, schema: SchemaRef, batches: I) -> Result<Self>
     where
         I: IntoIterator<Item = Result<RecordBatch>>,

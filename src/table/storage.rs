@@ -20,10 +20,10 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersi
 use parquet::schema::types::ColumnPath;
 use tempfile::NamedTempFile;
 
-use crate::cell::{assemble_cell, CellRef, ColumnCrypto, ColumnKind, ColumnMarking};
+use crate::crypto::cell::{assemble_cell, CellRef, ColumnCrypto, ColumnKind, ColumnMarking};
+use crate::crypto::keys::{is_key_material, KeyId};
+use crate::crypto::params::POLYNOMIAL_SIZE;
 use crate::error::{HedfError, Result};
-use crate::keys::{is_key_material, KeyId};
-use crate::params::POLYNOMIAL_SIZE;
 
 const ROW_PREFIX: &str = "__hedf_row__";
 const SEED_PREFIX: &str = "__hedf_seed__";
@@ -86,7 +86,7 @@ impl StorageLayout {
                     field.name()
                 )));
             }
-            refuse_key_material_in_metadata(field.name(), field.metadata())?;
+            refuse_key_material_in_field(field)?;
             match ColumnMarking::from_metadata(field.metadata())? {
                 None => {
                     if matches!(field.data_type(), DataType::FixedSizeBinary(_)) {
@@ -431,6 +431,26 @@ fn refuse_key_material(name: &str, column: &ArrayRef) -> Result<()> {
 fn holds_key_material(data: &arrow::array::ArrayData) -> bool {
     data.buffers().iter().any(|b| is_key_material(b.as_slice()))
         || data.child_data().iter().any(holds_key_material)
+}
+
+/// Refuses key material in the metadata of `field` or of any field nested in its type.
+fn refuse_key_material_in_field(field: &Field) -> Result<()> {
+    refuse_key_material_in_metadata(field.name(), field.metadata())?;
+    let children: Vec<&Field> = match field.data_type() {
+        DataType::List(f)
+        | DataType::LargeList(f)
+        | DataType::ListView(f)
+        | DataType::LargeListView(f)
+        | DataType::FixedSizeList(f, _)
+        | DataType::Map(f, _) => vec![f.as_ref()],
+        DataType::Struct(fields) => fields.iter().map(|f| f.as_ref()).collect(),
+        DataType::Union(fields, _) => fields.iter().map(|(_, f)| f.as_ref()).collect(),
+        DataType::RunEndEncoded(ends, values) => vec![ends.as_ref(), values.as_ref()],
+        _ => Vec::new(),
+    };
+    children
+        .into_iter()
+        .try_for_each(refuse_key_material_in_field)
 }
 
 fn refuse_key_material_in_metadata(

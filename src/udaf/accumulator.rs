@@ -15,10 +15,10 @@ use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, LargeBinaryArray, Lar
 use datafusion::error::Result;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 
-use crate::cell::{write_sum, CellRef, ColumnCrypto, SumRef};
+use crate::crypto::cell::{write_sum, CellRef, ColumnCrypto, SumRef};
+use crate::crypto::mask::MaskGenerator;
+use crate::crypto::params::POLYNOMIAL_SIZE as N;
 use crate::error::HedfError;
-use crate::mask::MaskGenerator;
-use crate::params::POLYNOMIAL_SIZE as N;
 
 /// State tag of a single cell sent as partial state (cheap `convert_to_state`).
 const CELL_STATE_TAG: &[u8; 4] = b"HCEL";

@@ -1,7 +1,7 @@
 //! `he_sum`: SQL SUM over encrypted cells, computed without any key.
 //!
 //! Input: a cell column (marked `hedf.kind = cell`). Output per group: a `LargeBinary` sum (see
-//! [`crate::cell`]) marked `hedf.kind = sum`, NULL when the group has no non-NULL value, exactly
+//! [`crate::crypto::cell`]) marked `hedf.kind = sum`, NULL when the group has no non-NULL value, exactly
 //! like SQL SUM. The partial state has the same layout; a single row's state is its tagged cell.
 //! A group whose row count exceeds the column's budget is refused at evaluation.
 
@@ -21,7 +21,7 @@ use datafusion::logical_expr::{
 
 pub use accumulator::HeSumAccumulator;
 
-use crate::cell::{ColumnKind, ColumnMarking, META_KEY_ID, META_KIND};
+use crate::crypto::cell::{ColumnKind, ColumnMarking, META_KEY_ID, META_KIND};
 
 /// The registered name of the aggregate.
 pub const HE_SUM: &str = "he_sum";

@@ -2,6 +2,8 @@
 // Each test binary uses a subset of these.
 #![allow(dead_code)]
 
+pub mod population;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -17,16 +17,23 @@ use datafusion::sql::resolve::resolve_table_references;
 use datafusion::sql::sqlparser::ast::{ObjectType, Statement};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::ParserError;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
-use crate::catalog::{Tables, Tenant};
+use crate::engine::session::{tenant_context, CATALOG, SCHEMA};
 use crate::error::{HedfError, Result};
-use crate::session::{tenant_context, CATALOG, SCHEMA};
+use crate::server::catalog::{Tables, Tenant};
 
 /// Queries reading fewer rows than this run in one partition.
 const PARALLEL_ROWS: u64 = 1 << 17;
 /// How deeply the SQL parser may nest (DataFusion's default): deeper input is an error, not a
 /// stack overflow.
 const PARSER_RECURSION_LIMIT: usize = 50;
+/// Largest statement accepted, in bytes and in tokens (whitespace and comments aside). The
+/// parser builds an operator chain (`1 + 1 + ...`) iteratively but as a tree as deep as the
+/// chain is long, which later passes (and freeing it) walk recursively: a few million terms
+/// would overflow any stack. A 5,000-term OR chain is about 20,000 tokens.
+const MAX_SQL_BYTES: usize = 1 << 20;
+const MAX_SQL_TOKENS: usize = 50_000;
 
 /// What a SQL text asks for.
 pub enum Planned {
@@ -86,6 +93,7 @@ pub async fn plan(tenant: &Tenant, sql: &str) -> Result<Planned> {
 }
 
 fn parse(sql: &str) -> Result<DfStatement> {
+    check_size(sql)?;
     let mut statements = DFParserBuilder::new(sql)
         .with_dialect(&GenericDialect {})
         .with_recursion_limit(PARSER_RECURSION_LIMIT)
@@ -116,6 +124,30 @@ fn is_query(statement: &DfStatement) -> bool {
         DfStatement::Explain(explain) => is_query(&explain.statement),
         _ => false,
     }
+}
+
+/// Refuses statements over [`MAX_SQL_BYTES`] or [`MAX_SQL_TOKENS`] before anything builds a
+/// tree of them (the tokenizer is a loop).
+fn check_size(sql: &str) -> Result<()> {
+    let too_long = |what: String| {
+        Err(HedfError::Invalid(format!(
+            "the statement is too long ({what}); split it or use IN lists and joins"
+        )))
+    };
+    if sql.len() > MAX_SQL_BYTES {
+        return too_long(format!("{} bytes, at most {MAX_SQL_BYTES}", sql.len()));
+    }
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize()
+        .map_err(|e| HedfError::Invalid(format!("SQL error: {e}")))?;
+    let tokens = tokens
+        .iter()
+        .filter(|t| !matches!(t, Token::Whitespace(_)))
+        .count();
+    if tokens > MAX_SQL_TOKENS {
+        return too_long(format!("{tokens} tokens, at most {MAX_SQL_TOKENS}"));
+    }
+    Ok(())
 }
 
 fn drop_table(statement: &DfStatement) -> Result<Option<Planned>> {

@@ -1,5 +1,5 @@
 //! A Flight SQL client for a hedf server: log in, upload encrypted tables, run SQL, list tables.
-//! It moves ciphertext only; decryption stays with [`crate::client`].
+//! It moves ciphertext only; decryption stays with [`crate::crypto::client`].
 
 use std::time::Duration;
 
@@ -20,12 +20,11 @@ use futures::{SinkExt, Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::catalog::{IfExists, IngestMode, UploadOptions};
-use crate::error::{HedfError, Result};
-use crate::flight::{ABORT_UPLOAD, ALLOW_PLAINTEXT_OPTION, WINDOW_BYTES};
-
-/// Largest message the client accepts; results carry 32 KiB per encrypted sum.
-const MAX_MESSAGE_BYTES: usize = 64 << 20;
+use crate::error::{ErrorKind, HedfError, Result};
+use crate::protocol::{
+    IfExists, IngestMode, UploadOptions, ABORT_UPLOAD, ALLOW_PLAINTEXT_OPTION, ERROR_KIND_HEADER,
+    MAX_MESSAGE_BYTES, WINDOW_BYTES,
+};
 
 /// A connection to a hedf Flight SQL server. Clones share the channel and the login.
 #[derive(Clone)]
@@ -45,10 +44,7 @@ impl Remote {
             .initial_connection_window_size(Some(2 * WINDOW_BYTES))
             .connect()
             .await
-            .map_err(|e| HedfError::Remote {
-                code: "unavailable".into(),
-                message: format!("cannot reach {url}: {e}"),
-            })?;
+            .map_err(|e| HedfError::Unavailable(format!("{url}: {e}")))?;
         let inner = arrow_flight::flight_service_client::FlightServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -76,7 +72,7 @@ impl Remote {
                 .get("authorization")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
-                .ok_or_else(|| HedfError::Unauthenticated("the server issued no token".into()))?
+                .ok_or_else(|| HedfError::internal("the server issued no token"))?
                 .to_string();
             client.set_token(token);
         }
@@ -97,9 +93,9 @@ impl Remote {
         let schema = std::sync::Arc::new(info.clone().try_decode_schema()?);
         let mut batches = Vec::new();
         for endpoint in info.endpoint {
-            let ticket = endpoint
-                .ticket
-                .ok_or_else(|| HedfError::Malformed("endpoint without ticket".into()))?;
+            let ticket = endpoint.ticket.ok_or_else(|| {
+                HedfError::internal("the server sent an endpoint without a ticket")
+            })?;
             let stream = self.client.do_get(ticket).await.map_err(flight_error)?;
             batches.extend(stream.try_collect::<Vec<_>>().await.map_err(flight_error)?);
         }
@@ -172,9 +168,9 @@ impl Remote {
                 .message()
                 .await
                 .map_err(status_error)?
-                .ok_or_else(|| HedfError::Malformed("ingest returned no result".into()))?;
-            let result = DoPutUpdateResult::decode(result.app_metadata)
-                .map_err(|e| HedfError::Malformed(e.to_string()))?;
+                .ok_or_else(|| HedfError::internal("the server returned no ingest result"))?;
+            let result =
+                DoPutUpdateResult::decode(result.app_metadata).map_err(HedfError::internal)?;
             Ok::<_, HedfError>(result.record_count)
         };
         let (rows, ()) = futures::try_join!(call, feed)?;
@@ -197,12 +193,12 @@ impl Remote {
             use arrow::array::AsArray;
             let names = batch
                 .column_by_name("table_name")
-                .ok_or_else(|| HedfError::Malformed("GetTables without table_name".into()))?
+                .ok_or_else(|| HedfError::internal("GetTables answer without table_name"))?
                 .as_string::<i32>()
                 .clone();
             let schemas = batch
                 .column_by_name("table_schema")
-                .ok_or_else(|| HedfError::Malformed("GetTables without table_schema".into()))?
+                .ok_or_else(|| HedfError::internal("GetTables answer without table_schema"))?
                 .as_binary::<i32>()
                 .clone();
             for (name, schema) in names.iter().zip(schemas.iter()) {
@@ -232,19 +228,31 @@ fn table_options(mode: IngestMode) -> TableDefinitionOptions {
     }
 }
 
-/// A server's refusal, with its gRPC code kept for the caller (and for exit codes).
+/// A server's refusal as an error of the kind the server sent (or, from a server that sends
+/// none, the kind of its gRPC code).
 fn status_error(status: tonic::Status) -> HedfError {
     use tonic::Code;
-    let message = status.message().to_string();
-    match status.code() {
-        Code::NotFound if message.starts_with("no such table: ") => {
-            HedfError::NoSuchTable(message["no such table: ".len()..].to_string())
+    let sent = status
+        .metadata()
+        .get(ERROR_KIND_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ErrorKind::parse);
+    let kind = sent.unwrap_or(match status.code() {
+        Code::NotFound => ErrorKind::NotFound,
+        Code::AlreadyExists => ErrorKind::AlreadyExists,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            ErrorKind::InvalidArgument
         }
-        Code::Unauthenticated => HedfError::Unauthenticated(message),
-        code => HedfError::Remote {
-            code: format!("{code:?}"),
-            message,
-        },
+        Code::Unauthenticated | Code::PermissionDenied => ErrorKind::Unauthenticated,
+        Code::ResourceExhausted => ErrorKind::ResourceExhausted,
+        Code::DataLoss => ErrorKind::DataLoss,
+        Code::Cancelled | Code::DeadlineExceeded => ErrorKind::Cancelled,
+        Code::Unavailable => ErrorKind::Unavailable,
+        _ => ErrorKind::Internal,
+    });
+    HedfError::Remote {
+        kind,
+        message: status.message().to_string(),
     }
 }
 
@@ -254,8 +262,8 @@ fn flight_error(e: FlightError) -> HedfError {
         FlightError::Arrow(e) => HedfError::Arrow(e),
         FlightError::ExternalError(e) => match e.downcast::<HedfError>() {
             Ok(h) => *h,
-            Err(e) => HedfError::Invalid(e.to_string()),
+            Err(e) => HedfError::internal(e),
         },
-        other => HedfError::Malformed(other.to_string()),
+        other => HedfError::internal(other),
     }
 }

@@ -7,7 +7,7 @@ use arrow::datatypes::Schema;
 use arrow::record_batch::RecordBatch;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 
-use crate::cell::META_KIND;
+use crate::crypto::cell::META_KIND;
 use crate::error::Result;
 
 /// An output format.

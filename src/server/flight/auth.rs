@@ -96,12 +96,12 @@ pub fn hash_password(password: &str) -> Result<String> {
         ));
     }
     let mut salt = [0u8; 16];
-    getrandom::fill(&mut salt).map_err(|e| HedfError::Io(std::io::Error::other(e)))?;
-    let salt = SaltString::encode_b64(&salt).map_err(|e| HedfError::Invalid(e.to_string()))?;
+    getrandom::fill(&mut salt).map_err(HedfError::internal)?;
+    let salt = SaltString::encode_b64(&salt).map_err(HedfError::internal)?;
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
-        .map_err(|e| HedfError::Invalid(e.to_string()))
+        .map_err(HedfError::internal)
 }
 
 /// Bearer tokens issued by the handshake: 256 random bits each, mapped to their user.
@@ -113,7 +113,7 @@ pub struct Tokens {
 impl Tokens {
     pub fn issue(&self, user: &str) -> Result<String> {
         let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes).map_err(|e| HedfError::Io(std::io::Error::other(e)))?;
+        getrandom::fill(&mut bytes).map_err(HedfError::internal)?;
         let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         let mut live = self.live.lock().expect("token lock");
         let now = Instant::now();

@@ -12,7 +12,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use object_store::ObjectStore;
 use url::Url;
 
-use crate::guard::CiphertextGuard;
+use crate::engine::guard::CiphertextGuard;
 use crate::udaf::he_sum_udaf;
 
 /// Stack size of every runtime thread. Planning and evaluating deep expressions (a BI tool's

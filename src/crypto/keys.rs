@@ -13,8 +13,8 @@ use tfhe::core_crypto::commons::generators::SecretRandomGenerator;
 use tfhe::core_crypto::prelude::*;
 use tfhe::core_crypto::seeders::new_seeder;
 
+use crate::crypto::params::{GLWE_DIMENSION, PARAMS_ID, POLYNOMIAL_SIZE};
 use crate::error::{HedfError, Result};
-use crate::params::{GLWE_DIMENSION, PARAMS_ID, POLYNOMIAL_SIZE};
 
 /// Public identifier of a client key, carried by every ciphertext so keys are never mixed.
 /// Random, so it says nothing about the key.

@@ -14,7 +14,7 @@ use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{Distinct, Expr, LogicalPlan};
 use datafusion::optimizer::AnalyzerRule;
 
-use crate::cell::META_KIND;
+use crate::crypto::cell::META_KIND;
 use crate::udaf::HE_SUM;
 
 #[derive(Debug, Default)]

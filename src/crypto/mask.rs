@@ -4,14 +4,14 @@
 //! `c*N .. (c+1)*N`) is a seeded GLWE ciphertext whose mask is the AES-CTR stream of that seed
 //! from byte `c * N * 8` on: consecutive, non-overlapping windows of one stream, so no mask is
 //! ever used twice. The stream comes from tfhe's own seeded-GLWE decompression, both when a
-//! chunk is encrypted ([`crate::glwe`]) and whenever its mask is needed again.
+//! chunk is encrypted ([`crate::crypto::glwe`]) and whenever its mask is needed again.
 
 use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
 use tfhe::core_crypto::prelude::*;
 use tfhe_csprng::generators::aes_ctr::{AesCtrParams, TableIndex};
 use tfhe_csprng::seeders::SeedKind;
 
-use crate::params::{GLWE_DIMENSION, POLYNOMIAL_SIZE};
+use crate::crypto::params::{GLWE_DIMENSION, POLYNOMIAL_SIZE};
 
 /// Bytes of the AES-CTR stream one chunk's mask consumes (N uniform u64).
 const CHUNK_STREAM_BYTES: u128 = (POLYNOMIAL_SIZE * 8) as u128;

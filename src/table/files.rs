@@ -11,9 +11,9 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::client::{infer_precisions, Encryptor, MeasureColumn};
+use crate::crypto::client::{infer_precisions, Encryptor, MeasureColumn};
+use crate::crypto::keys::ClientKey;
 use crate::error::{HedfError, Result};
-use crate::keys::ClientKey;
 use crate::table::{EncryptedTable, SegmentWriter, StorageLayout, UploadFormat};
 
 const BATCH_ROWS: usize = 65_536;

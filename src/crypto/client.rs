@@ -1,7 +1,7 @@
 //! Client-side encryption and decryption of Arrow data. Depends on tfhe and arrow only.
 //!
 //! [`Encryptor`] turns plaintext batches into encrypted ones: dimension columns pass through,
-//! measure columns become cells (see [`crate::cell`]). [`decrypt_batch`] turns any result batch
+//! measure columns become cells (see [`crate::crypto::cell`]). [`decrypt_batch`] turns any result batch
 //! back into plaintext: he_sum results and raw cells become `Decimal128(38, scale)`.
 
 use std::collections::HashMap;
@@ -17,13 +17,13 @@ use rayon::prelude::*;
 use tfhe::core_crypto::prelude::*;
 use tfhe::core_crypto::seeders::new_seeder;
 
-use crate::cell::{write_cell, CellRef, ColumnCrypto, ColumnKind, ColumnMarking, SumRef};
-use crate::encoding::{parse_decimal, MeasureSpec, MAX_PRECISION};
+use crate::crypto::cell::{write_cell, CellRef, ColumnCrypto, ColumnKind, ColumnMarking, SumRef};
+use crate::crypto::encoding::{parse_decimal, MeasureSpec, MAX_PRECISION};
+use crate::crypto::glwe::{ChunkEncryptor, FourierKey};
+use crate::crypto::keys::{ClientKey, KeyId};
+use crate::crypto::mask::MaskGenerator;
+use crate::crypto::params::{GLWE_DIMENSION, LOG2_DELTA, PLAINTEXT_BITS, POLYNOMIAL_SIZE};
 use crate::error::{HedfError, Result};
-use crate::glwe::{ChunkEncryptor, FourierKey};
-use crate::keys::{ClientKey, KeyId};
-use crate::mask::MaskGenerator;
-use crate::params::{GLWE_DIMENSION, LOG2_DELTA, PLAINTEXT_BITS, POLYNOMIAL_SIZE};
 
 /// A measure column to encrypt: its name, decimal scale and (optionally) declared precision.
 #[derive(Clone, Debug)]

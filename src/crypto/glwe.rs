@@ -20,8 +20,8 @@ use tfhe::core_crypto::fft_impl::fft64::math::polynomial::FourierPolynomialOwned
 use tfhe::core_crypto::prelude::*;
 use tfhe::core_crypto::seeders::new_seeder;
 
-use crate::mask::MaskGenerator;
-use crate::params::{LOG2_DELTA, NOISE_STD_DEV, POLYNOMIAL_SIZE};
+use crate::crypto::mask::MaskGenerator;
+use crate::crypto::params::{LOG2_DELTA, NOISE_STD_DEV, POLYNOMIAL_SIZE};
 
 const LIMB_BITS: u32 = 22;
 const LIMBS: u32 = 64_u32.div_ceil(LIMB_BITS);

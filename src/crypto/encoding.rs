@@ -6,8 +6,8 @@
 //! i64 range) is split into 25-bit limbs so every limb sum over 2^20 rows still fits the
 //! plaintext space. The client recombines limb sums exactly.
 
+use crate::crypto::params::{max_rows, MAX_LIMB_BITS, PLAINTEXT_BITS};
 use crate::error::{HedfError, Result};
-use crate::params::{max_rows, MAX_LIMB_BITS, PLAINTEXT_BITS};
 
 /// Largest declared precision: DECIMAL(18, s) spans the i64 range.
 pub const MAX_PRECISION: u8 = 18;

@@ -22,58 +22,13 @@ use arrow::datatypes::{DataType, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::TableProvider;
 
+use crate::engine::session::tenant_store_url;
 use crate::error::{HedfError, Result};
-use crate::session::tenant_store_url;
+use crate::protocol::{IfExists, IngestMode, UploadOptions};
 use crate::table::{EncryptedTable, SegmentFile, SegmentStore, SegmentWriter, StorageLayout};
 
 const MANIFEST: &str = "manifest";
 const MANIFEST_HEADER: &str = "hedf-manifest 2";
-
-/// What an upload does when its table is missing or already there (Flight SQL's
-/// `TableDefinitionOptions`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IngestMode {
-    pub create_if_missing: bool,
-    pub if_exists: IfExists,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IfExists {
-    Fail,
-    Append,
-    Replace,
-}
-
-impl IngestMode {
-    pub const CREATE: IngestMode = IngestMode {
-        create_if_missing: true,
-        if_exists: IfExists::Fail,
-    };
-    pub const APPEND: IngestMode = IngestMode {
-        create_if_missing: false,
-        if_exists: IfExists::Append,
-    };
-    pub const REPLACE: IngestMode = IngestMode {
-        create_if_missing: true,
-        if_exists: IfExists::Replace,
-    };
-
-    fn check(&self, name: &str, exists: bool) -> Result<()> {
-        match (exists, self.if_exists, self.create_if_missing) {
-            (true, IfExists::Fail, _) => Err(HedfError::TableExists(name.to_string())),
-            (false, _, false) => Err(HedfError::NoSuchTable(name.to_string())),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// What an upload may contain beyond the default.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct UploadOptions {
-    /// Accept a table without any encrypted column (every value stored in clear). Off unless
-    /// the user says so: a file that was never encrypted is a mistake far more often than not.
-    pub allow_plaintext: bool,
-}
 
 /// All tenants' tables under one data folder.
 pub struct Catalog {
@@ -200,6 +155,7 @@ pub type Tables = BTreeMap<String, Arc<TableVersion>>;
 
 /// One user's tables. Reads take a snapshot; changes are serialised by `commit`.
 pub struct Tenant {
+    name: String,
     dir: PathBuf,
     tables: RwLock<Arc<Tables>>,
     commit: Mutex<()>,
@@ -228,6 +184,10 @@ impl Tenant {
             }
         }
         let tenant = Tenant {
+            name: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             dir: dir.to_path_buf(),
             tables: RwLock::new(Arc::new(tables)),
             commit: Mutex::new(()),
@@ -263,6 +223,11 @@ impl Tenant {
                 tracing::warn!(path = %path.display(), error = %e, "left a stray entry in place");
             }
         }
+    }
+
+    /// The user whose tables these are.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The tables as of now; unaffected by later changes.
@@ -305,7 +270,7 @@ impl Tenant {
             )));
         }
         let current = self.snapshot().get(name).cloned();
-        mode.check(name, current.is_some())?;
+        check_mode(mode, name, current.is_some())?;
         if let (Some(current), IfExists::Append) = (&current, mode.if_exists) {
             current.table()?.layout().check_compatible(&layout)?;
         }
@@ -392,6 +357,15 @@ fn parse_entry(dir: &Path, line: &str) -> std::result::Result<(String, Vec<Arc<S
     Ok((name.to_string(), segments))
 }
 
+/// Whether `mode` allows an upload into `name`, given whether the table exists.
+fn check_mode(mode: IngestMode, name: &str, exists: bool) -> Result<()> {
+    match (exists, mode.if_exists, mode.create_if_missing) {
+        (true, IfExists::Fail, _) => Err(HedfError::TableExists(name.to_string())),
+        (false, _, false) => Err(HedfError::NoSuchTable(name.to_string())),
+        _ => Ok(()),
+    }
+}
+
 /// Marks the segments of `old` that `kept` does not reuse for deletion.
 fn retire(old: &TableVersion, kept: &[Arc<Segment>]) {
     for s in &old.segments {
@@ -442,7 +416,7 @@ impl Upload {
             let mut tables = (*tenant.snapshot()).clone();
             let current = tables.get(&name).cloned();
             // Checked again: another upload may have committed since this one began.
-            mode.check(&name, current.is_some())?;
+            check_mode(mode, &name, current.is_some())?;
             let mut segments = Vec::new();
             if let (Some(current), IfExists::Append) = (&current, mode.if_exists) {
                 current.table()?.layout().check_compatible(&layout)?;
@@ -472,7 +446,7 @@ pub fn plaintext_warnings(schema: &Schema) -> Vec<String> {
     schema
         .fields()
         .iter()
-        .filter(|f| !f.metadata().contains_key(crate::cell::META_KIND))
+        .filter(|f| !f.metadata().contains_key(crate::crypto::cell::META_KIND))
         .filter(|f| f.data_type().is_numeric() || matches!(f.data_type(), DataType::Decimal128(..)))
         .filter(|f| !StorageLayout::is_reserved(f.name()))
         .map(|f| {
@@ -522,6 +496,6 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
 
 fn random_u64() -> Result<u64> {
     let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).map_err(|e| HedfError::Io(std::io::Error::other(e)))?;
+    getrandom::fill(&mut bytes).map_err(HedfError::internal)?;
     Ok(u64::from_le_bytes(bytes))
 }

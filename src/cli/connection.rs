@@ -1,5 +1,6 @@
-//! Where the REPL's SQL runs: a local data folder (the embedded engine, no server) or a hedf
-//! Flight SQL server. Both return ciphertext results; decryption is the session's job.
+//! Where a client's SQL and uploads go: a local data folder (the server's own store and
+//! planning, in this process) or a hedf Flight SQL server. Both return ciphertext results;
+//! decryption is the caller's job.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,14 +9,11 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use futures::future::BoxFuture;
 
-use crate::catalog::{Catalog, IngestMode, Tenant, UploadOptions};
+use crate::cli::remote::Remote;
+use crate::engine::statement;
 use crate::error::Result;
-use crate::remote::Remote;
-use crate::statement;
-
-/// The tenant a local folder is opened as when no user is named: the one a server started
-/// with `--insecure-no-auth` uses.
-pub const LOCAL_USER: &str = "anonymous";
+use crate::protocol::{IngestMode, UploadOptions, ANONYMOUS};
+use crate::server::catalog::{Catalog, Tenant};
 
 pub enum Connection {
     Local { tenant: Arc<Tenant>, label: String },
@@ -23,9 +21,10 @@ pub enum Connection {
 }
 
 impl Connection {
-    /// `user`'s tables in a server data folder, read and changed in this process.
+    /// `user`'s tables in a server data folder, read and changed in this process. Without a
+    /// user, the tenant a server started with `--insecure-no-auth` uses.
     pub fn local(data_dir: &Path, user: Option<&str>) -> Result<Self> {
-        let user = user.unwrap_or(LOCAL_USER);
+        let user = user.unwrap_or(ANONYMOUS);
         let tenant = Catalog::open(data_dir)?.tenant(user)?;
         Ok(Connection::Local {
             tenant,

@@ -4,7 +4,7 @@
 //! Input is SQL ending in `;` (possibly over several lines) or a backslash command at the
 //! start of a statement, as in psql and datafusion-cli.
 
-mod connection;
+mod command;
 
 use std::future::Future;
 use std::io::Write;
@@ -18,25 +18,14 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use rustyline::error::ReadlineError;
 
-pub use connection::{Connection, LOCAL_USER};
+pub use command::Command;
 
-use crate::cell::{ColumnCrypto, ColumnMarking};
-use crate::client::decrypt_readable;
-use crate::display::{self, Format};
+use crate::cli::connection::Connection;
+use crate::cli::display::{self, Format};
+use crate::crypto::cell::{ColumnCrypto, ColumnMarking};
+use crate::crypto::client::decrypt_readable;
+use crate::crypto::keys::ClientKey;
 use crate::error::{HedfError, Result};
-use crate::keys::ClientKey;
-
-const HELP: &str = "\
-SQL statements end with ';' and may span lines. Encrypted columns are decrypted with the
-loaded key; values of any other key show as <encrypted>.
-  \\d               list tables
-  \\d NAME          describe a table: columns, which are encrypted, scale, key id
-  \\timing [on|off] show how long each statement takes
-  \\format FORMAT   output as table, csv, json or pivot
-  \\pivot           toggle the pivot layout (group keys as an index, measures side by side)
-  \\i FILE          run the statements and commands in FILE
-  \\q               quit (or Ctrl-D); Ctrl-C cancels a running query
-  \\?               this help";
 
 /// What the shell does after an input.
 #[derive(Debug, PartialEq, Eq)]
@@ -106,7 +95,7 @@ impl Session {
     pub async fn run(&mut self, input: &str, out: &mut dyn Write) -> Result<Flow> {
         let input = input.trim();
         if let Some(command) = input.strip_prefix('\\') {
-            return self.command(command, out).await;
+            return self.execute(command.parse()?, out).await;
         }
         self.sql(input.trim_end_matches(';'), out).await?;
         Ok(Flow::Continue)
@@ -119,7 +108,7 @@ impl Session {
         // server call.
         let mut task = tokio::spawn(self.connection.query(sql));
         let (schema, batches) = tokio::select! {
-            result = &mut task => result.map_err(|e| HedfError::Invalid(format!("query task: {e}")))??,
+            result = &mut task => result.map_err(HedfError::internal)??,
             _ = tokio::signal::ctrl_c() => {
                 task.abort();
                 return Err(HedfError::Cancelled);
@@ -181,54 +170,39 @@ impl Session {
         }
     }
 
-    async fn command(&mut self, command: &str, out: &mut dyn Write) -> Result<Flow> {
-        let (name, arg) = command
-            .split_once(char::is_whitespace)
-            .map_or((command, ""), |(n, a)| (n, a.trim()));
-        let arg = arg.trim_end_matches(';').trim();
-        match (name, arg) {
-            ("q" | "quit", _) => return Ok(Flow::Quit),
-            ("?" | "h" | "help", _) => writeln!(out, "{HELP}")?,
-            ("d", "") => {
+    /// Runs one backslash command.
+    pub async fn execute(&mut self, command: Command, out: &mut dyn Write) -> Result<Flow> {
+        match command {
+            Command::Quit => return Ok(Flow::Quit),
+            Command::Help => writeln!(out, "{}", Command::help())?,
+            Command::ListTables => {
                 let tables = self.connection.tables().await?;
                 let listing = list_tables(&tables)?;
                 display::write(out, self.plain_format(), &listing.schema(), &[listing])?;
             }
-            ("d", table) => {
+            Command::Describe(table) => {
                 let tables = self.connection.tables().await?;
                 let (_, schema) = tables
                     .iter()
-                    .find(|(name, _)| name == table)
-                    .ok_or_else(|| HedfError::NoSuchTable(table.to_string()))?;
+                    .find(|(name, _)| *name == table)
+                    .ok_or(HedfError::NoSuchTable(table))?;
                 let columns = describe_table(schema, self.key.as_ref())?;
                 display::write(out, self.plain_format(), &columns.schema(), &[columns])?;
             }
-            ("timing", arg) => {
-                self.timing = match arg {
-                    "" => !self.timing,
-                    "on" => true,
-                    "off" => false,
-                    other => {
-                        return Err(HedfError::Invalid(format!(
-                            "\\timing {other}: expected on or off"
-                        )))
-                    }
-                };
+            Command::Timing(on) => {
+                self.timing = on.unwrap_or(!self.timing);
                 writeln!(out, "Timing is {}.", if self.timing { "on" } else { "off" })?;
             }
-            ("format", "") => writeln!(out, "Output format is {}.", format_name(self.format))?,
-            ("format", arg) => {
-                self.format = <Format as clap::ValueEnum>::from_str(arg, true).map_err(|_| {
-                    HedfError::Invalid(format!(
-                        "\\format {arg}: expected table, csv, json or pivot"
-                    ))
-                })?;
-                if self.format != Format::Pivot {
-                    self.unpivoted = self.format;
+            Command::Format(format) => {
+                if let Some(format) = format {
+                    self.format = format;
+                    if format != Format::Pivot {
+                        self.unpivoted = format;
+                    }
                 }
                 writeln!(out, "Output format is {}.", format_name(self.format))?;
             }
-            ("pivot", _) => {
+            Command::Pivot => {
                 self.format = if self.format == Format::Pivot {
                     self.unpivoted
                 } else {
@@ -236,16 +210,11 @@ impl Session {
                 };
                 writeln!(out, "Output format is {}.", format_name(self.format))?;
             }
-            ("i" | "include", "") => return Err(HedfError::Invalid("\\i needs a file".into())),
-            ("i" | "include", file) => {
-                let text = std::fs::read_to_string(file)
-                    .map_err(|e| HedfError::Invalid(format!("cannot read {file}: {e}")))?;
+            Command::Include(file) => {
+                let text = std::fs::read_to_string(&file).map_err(|e| {
+                    HedfError::Invalid(format!("cannot read {}: {e}", file.display()))
+                })?;
                 return self.run_script(&text, out).await;
-            }
-            _ => {
-                return Err(HedfError::Invalid(format!(
-                    "unknown command \\{name}; \\? lists the commands"
-                )))
             }
         }
         Ok(Flow::Continue)
@@ -265,7 +234,7 @@ impl Session {
     pub async fn interactive(&mut self, history: Option<&Path>, ready_in: Duration) -> Result<()> {
         self.footer = true;
         let mut editor = rustyline::DefaultEditor::new()
-            .map_err(|e| HedfError::Invalid(format!("cannot start the line editor: {e}")))?;
+            .map_err(|e| HedfError::internal(format!("cannot start the line editor: {e}")))?;
         if let Some(path) = history {
             let _ = editor.load_history(path);
         }
@@ -306,7 +275,7 @@ impl Session {
                 // Ctrl-C at the prompt drops the statement being typed.
                 Err(ReadlineError::Interrupted) => buffer.clear(),
                 Err(ReadlineError::Eof) => return save_history(&mut editor, history),
-                Err(e) => return Err(HedfError::Invalid(format!("terminal: {e}"))),
+                Err(e) => return Err(HedfError::internal(format!("terminal: {e}"))),
             }
         }
     }

@@ -13,10 +13,10 @@
 
 use std::collections::HashMap;
 
-use crate::encoding::MeasureSpec;
+use crate::crypto::encoding::MeasureSpec;
+use crate::crypto::keys::{ClientKey, KeyId};
+use crate::crypto::params::{PARAMS_ID, POLYNOMIAL_SIZE};
 use crate::error::{HedfError, Result};
-use crate::keys::{ClientKey, KeyId};
-use crate::params::{PARAMS_ID, POLYNOMIAL_SIZE};
 
 /// Field metadata key naming what a binary column holds: [`KIND_CELL`] or [`KIND_SUM`].
 pub const META_KIND: &str = "hedf.kind";
@@ -190,8 +190,13 @@ impl ColumnMarking {
         let tag = get(META_TAG)?;
         let tag = (tag.len() == 32)
             .then(|| {
-                (0..16)
-                    .map(|i| u8::from_str_radix(&tag[2 * i..2 * i + 2], 16).ok())
+                tag.as_bytes()
+                    .chunks(2)
+                    .map(|pair| {
+                        std::str::from_utf8(pair)
+                            .ok()
+                            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    })
                     .collect::<Option<Vec<u8>>>()
             })
             .flatten()

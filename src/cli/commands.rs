@@ -1,0 +1,554 @@
+//! The `hedf` binary's subcommands: their arguments (clap) and one function each. `main.rs`
+//! only parses the arguments and calls [`run`].
+
+use std::io::{IsTerminal, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::connection::Connection;
+use crate::cli::display::Format;
+use crate::cli::repl::{history_path, Session};
+use crate::crypto::client::decrypt_batch;
+use crate::crypto::keys::ClientKey;
+use crate::error::{HedfError, Result};
+use crate::protocol::{IngestMode, UploadOptions};
+use crate::server::catalog::plaintext_warnings;
+use crate::server::flight::auth::{hash_password, Users};
+use crate::server::flight::ServerConfig;
+use crate::table::files;
+
+#[derive(Parser)]
+#[command(
+    name = "hedf",
+    version,
+    about = "SQL over homomorphically encrypted measures"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replay the original prototype's demo on the embedded population dataset.
+    Demo {
+        /// Folder for the encrypted table (default: a fresh temporary folder, removed after).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Generate a client key and print its key id.
+    Keygen {
+        /// Folder to write `client.key` into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing key file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Encrypt the measure columns of a CSV or Parquet file into an encrypted Parquet table.
+    Encrypt {
+        /// Input `.csv` (with header) or `.parquet` file.
+        input: PathBuf,
+        /// Folder holding `client.key`.
+        #[arg(long)]
+        key: PathBuf,
+        /// Comma-separated measure columns to encrypt; the others stay plaintext.
+        /// Default: every numeric column.
+        #[arg(long, value_delimiter = ',')]
+        measures: Option<Vec<String>>,
+        /// Decimal places of the measures; a value with more is an error, never rounded.
+        /// Default: per column, the most decimal places any of its values has.
+        #[arg(long)]
+        scale: Option<i8>,
+        /// Total digits of the measures, DECIMAL(precision, scale). With --scale it spares the
+        /// pass over the file that otherwise finds the largest value.
+        #[arg(long, requires = "scale")]
+        precision: Option<u8>,
+        /// Output `.parquet` file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Upload an encrypted Parquet or Arrow file to a server (or a local data folder).
+    Upload {
+        file: PathBuf,
+        #[command(flatten)]
+        target: Target,
+        /// Table name on the server.
+        #[arg(long)]
+        table: String,
+        #[arg(long, value_enum, default_value_t = Mode::Create)]
+        mode: Mode,
+        /// Store the table even though no column is encrypted (every value in clear).
+        #[arg(long)]
+        allow_plaintext: bool,
+    },
+    /// Decrypt a result file (`.arrow` or `.parquet`) a client saved, and print it.
+    Decrypt {
+        file: PathBuf,
+        /// Folder holding `client.key`.
+        #[arg(long)]
+        key: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// SQL shell (or script runner) that decrypts results with your key.
+    ///
+    /// Without -c or -f it is interactive: statements end with ';', \? lists the commands.
+    Sql {
+        #[command(flatten)]
+        target: Target,
+        /// Folder holding `client.key`; without it encrypted values show as <encrypted>.
+        #[arg(long, env = "HEDF_KEY")]
+        key: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Run these statements and commands, then exit (repeatable; before any -f).
+        #[arg(short = 'c', long = "command")]
+        commands: Vec<String>,
+        /// Run the statements and commands in FILE, then exit (repeatable).
+        #[arg(short = 'f', long = "file")]
+        files: Vec<PathBuf>,
+    },
+    /// Run the Arrow Flight SQL server.
+    Serve {
+        /// Where tables are stored (default: $XDG_DATA_HOME/hedf or ~/.local/share/hedf).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// A user as NAME:PASSWORD (repeatable; visible in `ps`, prefer --users-file).
+        #[arg(long = "user")]
+        users: Vec<String>,
+        /// File of `NAME:$argon2id$...` lines (see `hedf hash-password`).
+        #[arg(long)]
+        users_file: Option<PathBuf>,
+        /// Accept every caller as one shared tenant. Local demos only.
+        #[arg(long)]
+        insecure_no_auth: bool,
+        /// Largest upload accepted, in bytes.
+        #[arg(long, default_value_t = 16 << 30)]
+        max_upload_bytes: u64,
+    },
+    /// Talk to a running server.
+    Client {
+        #[command(subcommand)]
+        command: ClientCommand,
+    },
+    /// Read a password on stdin and print its Argon2id hash for a users file.
+    HashPassword,
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Replay the prototype's client script against a server.
+    Demo {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Server URL, e.g. http://127.0.0.1:50051.
+    #[arg(long = "server")]
+    url: String,
+    /// User name; the password comes from $HEDF_PASSWORD or a prompt.
+    #[arg(long)]
+    user: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Create,
+    Append,
+    Replace,
+}
+
+/// Where tables live: a server, or a local data folder (the default).
+#[derive(clap::Args)]
+struct Target {
+    /// Server URL, e.g. http://127.0.0.1:50051.
+    #[arg(long, conflicts_with = "data_dir")]
+    server: Option<String>,
+    /// Local data folder, as `hedf serve` keeps it (default: $XDG_DATA_HOME/hedf or
+    /// ~/.local/share/hedf). Used without a server.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// User name. With --server the password comes from $HEDF_PASSWORD or a prompt; locally it
+    /// picks whose tables (default: the tenant of a server run with --insecure-no-auth).
+    #[arg(long)]
+    user: Option<String>,
+}
+
+impl Target {
+    async fn connect(&self) -> Result<Connection> {
+        match &self.server {
+            Some(url) => {
+                let login = login(self.user.as_deref())?;
+                Connection::remote(url, login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))).await
+            }
+            None => Connection::local(&self.data_dir(), self.user.as_deref()),
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+}
+
+/// User and password, if a user was given.
+fn login(user: Option<&str>) -> Result<Option<(String, String)>> {
+    user.map(|user| Ok((user.to_string(), password()?)))
+        .transpose()
+}
+
+/// The password from $HEDF_PASSWORD, else a prompt that does not echo (or a line of stdin
+/// when it is not a terminal). Never read through the shell's line editor, so never in history.
+fn password() -> Result<String> {
+    if let Ok(p) = std::env::var("HEDF_PASSWORD") {
+        return Ok(p);
+    }
+    if std::io::stdin().is_terminal() {
+        return Ok(rpassword::prompt_password("password: ")?);
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+/// A progress bar on stderr (drawn only on a terminal) counting rows.
+fn progress(total: Option<u64>, what: &str) -> ProgressBar {
+    let (bar, template) = match total {
+        Some(total) => (
+            ProgressBar::new(total),
+            "{msg} [{bar:30}] {human_pos}/{human_len} rows, {per_sec}, eta {eta}",
+        ),
+        None => (
+            ProgressBar::no_length(),
+            "{spinner} {msg} {human_pos} rows, {per_sec}",
+        ),
+    };
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+fn rate(rows: u64, elapsed: Duration) -> String {
+    format!(
+        "{:.2} s, {:.2} M rows/s",
+        elapsed.as_secs_f64(),
+        rows as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6
+    )
+}
+
+fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("hedf")
+}
+
+fn load_key(dir: &Path) -> Result<ClientKey> {
+    let path = dir.join("client.key");
+    let key = ClientKey::load(&path)?;
+    if let Some(warning) = crate::crypto::keys::permission_warning(&path) {
+        eprintln!("warning: {warning}");
+    }
+    Ok(key)
+}
+
+/// Runs one invocation of the command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Demo { data_dir } => demo(data_dir).await,
+        Command::Keygen { out, force } => keygen(&out, force),
+        Command::Encrypt {
+            input,
+            key,
+            measures,
+            scale,
+            precision,
+            out,
+        } => encrypt(&input, &key, measures.as_deref(), scale, precision, &out),
+        Command::Upload {
+            file,
+            target,
+            table,
+            mode,
+            allow_plaintext,
+        } => upload(&file, &target, &table, mode, allow_plaintext).await,
+        Command::Decrypt { file, key, format } => decrypt(&file, &key, format),
+        Command::Sql {
+            target,
+            key,
+            format,
+            commands,
+            files,
+        } => sql(&target, key.as_deref(), format, &commands, &files).await,
+        Command::Serve {
+            data_dir,
+            listen,
+            users,
+            users_file,
+            insecure_no_auth,
+            max_upload_bytes,
+        } => {
+            serve(
+                data_dir,
+                listen,
+                &users,
+                users_file.as_deref(),
+                insecure_no_auth,
+                max_upload_bytes,
+            )
+            .await
+        }
+        Command::Client {
+            command: ClientCommand::Demo { server },
+        } => client_demo(&server).await,
+        Command::HashPassword => hash_password_from_stdin(),
+    }
+}
+
+async fn demo(data_dir: Option<PathBuf>) -> Result<()> {
+    let temp;
+    let dir = match data_dir {
+        Some(dir) => dir,
+        None => {
+            temp = tempfile::tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let mut connection = Connection::local(&dir, None)?;
+    crate::cli::demo::run(&mut connection, &mut std::io::stdout().lock()).await
+}
+
+fn keygen(out: &Path, force: bool) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    let key = ClientKey::generate();
+    key.save(&out.join("client.key"), force)?;
+    println!("{}", key.id());
+    Ok(())
+}
+
+fn encrypt(
+    input: &Path,
+    key: &Path,
+    measures: Option<&[String]>,
+    scale: Option<i8>,
+    precision: Option<u8>,
+    out: &Path,
+) -> Result<()> {
+    let key = load_key(key)?;
+    let started = Instant::now();
+    let scanning = progress(None, "scanning");
+    let mut measures = files::resolve_measures(input, measures, scale)?;
+    if let Some(precision) = precision {
+        measures = measures
+            .into_iter()
+            .map(|m| m.with_precision(precision))
+            .collect();
+    }
+    scanning.finish_and_clear();
+    let bar = progress(files::parquet_rows(input), "encrypting");
+    let rows = files::encrypt_to_parquet(&key, input, &measures, out, &mut |rows| {
+        bar.set_position(rows as u64)
+    });
+    bar.finish_and_clear();
+    let rows = rows?;
+    let columns: Vec<String> = measures
+        .iter()
+        .map(|m| format!("{} (scale {})", m.name, m.scale))
+        .collect();
+    eprintln!(
+        "encrypted {rows} rows of {} into {} (key id {}) in {}",
+        columns.join(", "),
+        out.display(),
+        key.id(),
+        rate(rows as u64, started.elapsed())
+    );
+    Ok(())
+}
+
+async fn upload(
+    file: &Path,
+    target: &Target,
+    table: &str,
+    mode: Mode,
+    allow_plaintext: bool,
+) -> Result<()> {
+    let (schema, batches) = files::read_encrypted(file)?;
+    for warning in plaintext_warnings(&schema) {
+        eprintln!("warning: {warning}");
+    }
+    let options = UploadOptions { allow_plaintext };
+    let mode = match mode {
+        Mode::Create => IngestMode::CREATE,
+        Mode::Append => IngestMode::APPEND,
+        Mode::Replace => IngestMode::REPLACE,
+    };
+    // Connect (and ask for a password) before the progress bar draws.
+    let mut connection = target.connect().await?;
+    let started = Instant::now();
+    let bar = progress(files::parquet_rows(file), "uploading");
+    let counted = {
+        let bar = bar.clone();
+        batches.inspect(move |b| {
+            if let Ok(b) = b {
+                bar.inc(b.num_rows() as u64)
+            }
+        })
+    };
+    let rows = connection
+        .upload(table, mode, options, schema, counted)
+        .await;
+    bar.finish_and_clear();
+    let rows = rows?;
+    eprintln!(
+        "{rows} rows uploaded to {table} in {}",
+        rate(rows as u64, started.elapsed())
+    );
+    Ok(())
+}
+
+fn decrypt(file: &Path, key: &Path, format: Format) -> Result<()> {
+    let key = load_key(key)?;
+    let (schema, batches) = files::read_encrypted(file)?;
+    let decrypted = batches
+        .map(|b| decrypt_batch(&key, &b?))
+        .collect::<Result<Vec<_>>>()?;
+    crate::cli::display::write(&mut std::io::stdout().lock(), format, &schema, &decrypted)
+}
+
+async fn sql(
+    target: &Target,
+    key: Option<&Path>,
+    format: Format,
+    commands: &[String],
+    files: &[PathBuf],
+) -> Result<()> {
+    let started = Instant::now();
+    let key = key.map(load_key).transpose()?;
+    let mut session = Session::new(target.connect().await?, key, format);
+    if commands.is_empty() && files.is_empty() && std::io::stdin().is_terminal() {
+        return session
+            .interactive(history_path().as_deref(), started.elapsed())
+            .await;
+    }
+    let mut stdout = std::io::stdout().lock();
+    for command in commands {
+        session.run_script(command, &mut stdout).await?;
+    }
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| HedfError::Invalid(format!("cannot read {}: {e}", file.display())))?;
+        session.run_script(&text, &mut stdout).await?;
+    }
+    if commands.is_empty() && files.is_empty() {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        session.run_script(&text, &mut stdout).await?;
+    }
+    Ok(())
+}
+
+async fn serve(
+    data_dir: Option<PathBuf>,
+    listen: SocketAddr,
+    user_args: &[String],
+    users_file: Option<&Path>,
+    insecure_no_auth: bool,
+    max_upload_bytes: u64,
+) -> Result<()> {
+    let mut users = match users_file {
+        Some(path) => Users::load(path)?,
+        None => Users::default(),
+    };
+    for spec in user_args {
+        let (name, password) = spec.split_once(':').ok_or_else(|| {
+            HedfError::Invalid(format!("--user {spec:?}: expected NAME:PASSWORD"))
+        })?;
+        users.add(name, password)?;
+    }
+    let users = match (insecure_no_auth, users.is_empty()) {
+        (true, true) => {
+            eprintln!(
+                "WARNING: authentication is OFF (--insecure-no-auth): anyone who can reach \
+                 {listen} can read, upload and drop tables. Local demos only."
+            );
+            None
+        }
+        (true, false) => {
+            return Err(HedfError::Invalid(
+                "--insecure-no-auth cannot be combined with users".into(),
+            ))
+        }
+        (false, true) => {
+            return Err(HedfError::Invalid(
+                "no users: pass --user NAME:PASSWORD or --users-file FILE (or \
+                 --insecure-no-auth for a local demo)"
+                    .into(),
+            ))
+        }
+        (false, false) => Some(users),
+    };
+    let data_dir = data_dir.unwrap_or_else(default_data_dir);
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HEDF_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = ServerConfig {
+        data_dir: data_dir.clone(),
+        users,
+        max_upload_bytes,
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    crate::server::flight::serve(
+        config,
+        listen,
+        |addr| {
+            println!(
+                "hedf serve: listening on {addr}, data in {}",
+                data_dir.display()
+            );
+            let _ = std::io::stdout().flush();
+        },
+        shutdown,
+    )
+    .await
+}
+
+async fn client_demo(server: &ServerArgs) -> Result<()> {
+    let login = login(server.user.as_deref())?;
+    let login = login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+    let mut connection = Connection::remote(&server.url, login).await?;
+    crate::cli::demo::run(&mut connection, &mut std::io::stdout().lock()).await
+}
+
+fn hash_password_from_stdin() -> Result<()> {
+    let mut password = String::new();
+    std::io::stdin().read_to_string(&mut password)?;
+    println!(
+        "{}",
+        hash_password(password.trim_end_matches(['\r', '\n']))?
+    );
+    Ok(())
+}

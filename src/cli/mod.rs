@@ -1,0 +1,10 @@
+//! What people use: the Flight SQL client ([`remote`]), a [`connection`] to a local data folder
+//! or a server, the `hedf sql` shell ([`repl`]), output formats ([`display`]), the prototype's [`demo`], and
+//! the `hedf` binary's subcommands ([`commands`]).
+
+pub mod commands;
+pub mod connection;
+pub mod demo;
+pub mod display;
+pub mod remote;
+pub mod repl;

@@ -1,0 +1,7 @@
+//! What plans a tenant's SQL: a DataFusion [`session`] that knows `he_sum` and refuses
+//! ciphertext misuse ([`guard`]), and the [`statement`] rules (queries over the tenant's own
+//! tables and `DROP TABLE`, nothing that writes) shared by the server and the local shell.
+
+pub mod guard;
+pub mod session;
+pub mod statement;

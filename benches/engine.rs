@@ -16,6 +16,10 @@ use hedf::crypto::keys::ClientKey;
 use hedf::table::EncryptedTable;
 use parquet::arrow::ArrowWriter;
 
+#[path = "../tests/common/values.rs"]
+mod values;
+use values::all_values;
+
 const MEASURES: [&str; 5] = ["m1", "m2", "m3", "m4", "m5"];
 const BATCH: usize = 65_536;
 
@@ -254,21 +258,31 @@ async fn run_queries(key: &ClientKey, dir: &Path, rows: usize, partitions: usize
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let plain_sql = format!("SELECT {keys}, {} FROM plain {filter} {group}", list("SUM"));
+        let plain_sql = format!(
+            "SELECT {keys}, {} FROM plain {filter} {group} ORDER BY {keys}",
+            list("SUM")
+        );
         let enc_sql = format!(
-            "SELECT {keys}, {} FROM enc {filter} {group}",
+            "SELECT {keys}, {} FROM enc {filter} {group} ORDER BY {keys}",
             list("he_sum")
         );
-        let (plain_time, _) = time_query(&ctx, &plain_sql, runs).await;
+        let (plain_time, plain_result) = time_query(&ctx, &plain_sql, runs).await;
         reset_peak_rss();
         let (enc_time, result) = time_query(&ctx, &enc_sql, runs).await;
         let rss = peak_rss_mib();
         let start = Instant::now();
-        let decrypted: usize = result
+        let decrypted: Vec<RecordBatch> = result
             .iter()
-            .map(|b| decrypt_batch(key, b).unwrap().num_rows())
-            .sum();
-        let per_value = start.elapsed() / (decrypted * MEASURES.len()) as u32;
+            .map(|b| decrypt_batch(key, b).unwrap())
+            .collect();
+        let groups: usize = decrypted.iter().map(|b| b.num_rows()).sum();
+        let per_value = start.elapsed() / (groups * MEASURES.len()) as u32;
+        // A fast wrong answer is no answer: every group key and sum must equal plaintext's.
+        assert_eq!(
+            all_values(&decrypted),
+            all_values(&plain_result),
+            "{name}: decrypted sums differ from plaintext SUM"
+        );
         println!(
             "{name:<42} {:>10.1}ms {:>10.1}ms {:>7.1}x {:>14.1} {:>10.2}us {:>7.0}MiB",
             plain_time.as_secs_f64() * 1e3,

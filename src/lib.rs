@@ -33,6 +33,11 @@ pub mod table;
 #[cfg(feature = "engine")]
 pub mod udaf;
 
+/// The README's Rust snippet, compiled and run by `cargo test` so it cannot go stale.
+#[cfg(all(doctest, feature = "engine"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub use crypto::client::{decrypt_batch, encrypt_batches, MeasureColumn};
 pub use crypto::keys::ClientKey;
 pub use error::{ErrorKind, HedfError, Result};

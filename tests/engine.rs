@@ -10,6 +10,7 @@ use arrow::array::{
     StringArray,
 };
 use arrow::datatypes::Decimal128Type;
+use common::values::all_values;
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -17,7 +18,7 @@ use hedf::crypto::cell::ColumnMarking;
 use hedf::crypto::client::{decrypt_batch, decrypt_sum, encrypt_batches, MeasureColumn};
 use hedf::crypto::keys::ClientKey;
 use hedf::table::EncryptedTable;
-use hedf::udaf::HeSumAccumulator;
+use hedf::udaf::HeSumGroupsAccumulator;
 use proptest::prelude::*;
 
 fn key() -> &'static ClientKey {
@@ -71,7 +72,8 @@ fn decimals(batches: &[RecordBatch]) -> Vec<Vec<Option<i128>>> {
     rows
 }
 
-/// Runs `encrypted_sql` (he_sum) and `plain_sql` (SUM); decrypted results must equal plaintext.
+/// Runs `encrypted_sql` (he_sum) and `plain_sql` (SUM); the decrypted results must equal the
+/// plaintext ones in every column.
 async fn assert_same(
     ctx: &SessionContext,
     key: &ClientKey,
@@ -81,7 +83,7 @@ async fn assert_same(
     let got = run(ctx, encrypted_sql).await.unwrap();
     let got: Vec<RecordBatch> = got.iter().map(|b| decrypt_batch(key, b).unwrap()).collect();
     let want = run(ctx, plain_sql).await.unwrap();
-    let (got, want) = (decimals(&got), decimals(&want));
+    let (got, want) = (all_values(&got), all_values(&want));
     assert_eq!(got, want, "{encrypted_sql}");
     assert!(!want.is_empty());
     want.len()
@@ -332,10 +334,43 @@ async fn ciphertext_misuse_is_refused_at_planning() {
         ),
         ("SELECT he_sum(nope) FROM t", "nope"),
         ("SELECT he_sum(v) FROM missing_table", "missing_table"),
+        // Through CTEs, casts, UNION and subqueries.
+        (
+            "WITH c AS (SELECT v AS x FROM t) SELECT * FROM c ORDER BY x",
+            "ordered by",
+        ),
+        (
+            "WITH c AS (SELECT CAST(v AS BYTEA) AS x FROM t) SELECT * FROM c",
+            "computed on",
+        ),
+        ("SELECT v FROM t UNION SELECT v FROM t", "DISTINCT"),
+        (
+            "SELECT * FROM (SELECT v FROM t UNION ALL SELECT v FROM t) WHERE v IS NULL",
+            "compared in a filter",
+        ),
+        (
+            "SELECT g FROM t WHERE k IN (SELECT v FROM t)",
+            "subquery's result",
+        ),
+        (
+            "SELECT g FROM t WHERE (SELECT he_sum(v) FROM t) IS NULL",
+            "subquery's result",
+        ),
+        (
+            "SELECT g FROM t WHERE EXISTS (SELECT 1 FROM t u WHERE u.v = t.v)",
+            "encrypted",
+        ),
+        ("SELECT (SELECT MAX(v) FROM t) AS m", "aggregated with"),
     ];
+    // Refused while planning: the physical plan is never built, nothing runs.
     for (sql, message) in refused {
         let err = match ctx.sql(sql).await {
-            Ok(df) => df.collect().await.expect_err(sql).to_string(),
+            Ok(df) => df
+                .create_physical_plan()
+                .await
+                .map(|_| ())
+                .expect_err(sql)
+                .to_string(),
             Err(e) => e.to_string(),
         };
         assert!(err.contains(message), "{sql}: {err}");
@@ -454,7 +489,7 @@ async fn sums_over_the_budget_are_refused_by_server_and_client() {
     let max = crypto.spec.max_rows();
     let mut forged = sum.clone();
     forged[17..25].copy_from_slice(&max.to_le_bytes());
-    let mut acc = HeSumAccumulator::new("v".into(), crypto);
+    let mut acc = HeSumGroupsAccumulator::new("v".into(), crypto);
     let state: ArrayRef = Arc::new(arrow::array::LargeBinaryArray::from_iter_values([
         forged.clone()
     ]));

@@ -16,15 +16,13 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Decimal128Type, Field, Int32Type, Int64Type, Schema, SchemaRef};
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::flight_service_client::FlightServiceClient;
-use arrow_flight::sql::{CommandStatementIngest, ProstMessageExt, TableDefinitionOptions};
-use arrow_flight::sql::{TableExistsOption, TableNotExistOption};
+use arrow_flight::sql::{CommandStatementIngest, ProstMessageExt};
 use arrow_flight::{FlightData, FlightDescriptor, HandshakeRequest};
 use common::population::{population, YEARS};
-use datafusion::datasource::MemTable;
-use datafusion::prelude::SessionContext;
+use common::tables::{encrypted_population, key, upload};
 use futures::{StreamExt, TryStreamExt};
-use hedf::cli::remote::Remote;
-use hedf::crypto::client::{decrypt_batch, encrypt_batches, MeasureColumn};
+use hedf::cli::remote::{table_options, Remote};
+use hedf::crypto::client::{decrypt_batch, MeasureColumn};
 use hedf::crypto::keys::ClientKey;
 use hedf::protocol::{IngestMode, UploadOptions};
 use hedf::HedfError;
@@ -41,45 +39,6 @@ fn start(dir: &Path, extra: &[&str]) -> common::Server {
 
 async fn connect(server: &common::Server, login: (&str, &str)) -> Remote {
     Remote::connect(&server.url, Some(login)).await.unwrap()
-}
-
-fn key() -> &'static ClientKey {
-    static KEY: std::sync::OnceLock<ClientKey> = std::sync::OnceLock::new();
-    KEY.get_or_init(ClientKey::generate)
-}
-
-/// The seed's population table, encrypted, and a plaintext session holding the same rows.
-fn encrypted_population() -> (SchemaRef, Vec<RecordBatch>, SessionContext) {
-    let (schema, plain) = population().unwrap();
-    let measures: Vec<MeasureColumn> = YEARS.iter().map(|y| MeasureColumn::new(*y, 1)).collect();
-    let (enc_schema, enc) = encrypt_batches(key(), &plain, &measures).unwrap();
-    let ctx = SessionContext::new();
-    ctx.register_table(
-        "population",
-        Arc::new(MemTable::try_new(schema, vec![plain]).unwrap()),
-    )
-    .unwrap();
-    (enc_schema, enc, ctx)
-}
-
-async fn upload(
-    remote: &mut Remote,
-    table: &str,
-    mode: IngestMode,
-    options: UploadOptions,
-    schema: &SchemaRef,
-    batches: &[RecordBatch],
-) -> hedf::Result<i64> {
-    let batches: Vec<hedf::Result<RecordBatch>> = batches.iter().cloned().map(Ok).collect();
-    remote
-        .upload(
-            table,
-            mode,
-            options,
-            schema.clone(),
-            futures::stream::iter(batches),
-        )
-        .await
 }
 
 async fn create_population(remote: &mut Remote, table: &str) {
@@ -371,18 +330,7 @@ async fn raw_client(
 
 fn ingest_descriptor(table: &str, mode: IngestMode) -> FlightDescriptor {
     let command = CommandStatementIngest {
-        table_definition_options: Some(TableDefinitionOptions {
-            if_not_exist: if mode.create_if_missing {
-                TableNotExistOption::Create
-            } else {
-                TableNotExistOption::Fail
-            } as i32,
-            if_exists: match mode.if_exists {
-                hedf::protocol::IfExists::Fail => TableExistsOption::Fail,
-                hedf::protocol::IfExists::Append => TableExistsOption::Append,
-                hedf::protocol::IfExists::Replace => TableExistsOption::Replace,
-            } as i32,
-        }),
+        table_definition_options: Some(table_options(mode)),
         table: table.to_string(),
         ..Default::default()
     };

@@ -9,16 +9,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Decimal128Type, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Decimal128Type, Field, Schema};
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::CommandGetPrimaryKeys;
 use common::population::{aggregation_sql, population, YEARS};
-use datafusion::datasource::MemTable;
+use common::tables::{encrypted_population, key, measures, upload};
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
 use hedf::cli::remote::Remote;
-use hedf::crypto::client::{decrypt_batch, encrypt_batches, MeasureColumn};
+use hedf::crypto::client::{decrypt_batch, encrypt_batches};
 use hedf::crypto::keys::ClientKey;
 use hedf::protocol::{IngestMode, UploadOptions};
 use hedf::HedfError;
@@ -52,47 +52,6 @@ impl Server {
     async fn connect(&self, login: (&str, &str)) -> Remote {
         Remote::connect(&self.url, Some(login)).await.unwrap()
     }
-}
-
-fn key() -> &'static ClientKey {
-    static KEY: std::sync::OnceLock<ClientKey> = std::sync::OnceLock::new();
-    KEY.get_or_init(ClientKey::generate)
-}
-
-fn measures() -> Vec<MeasureColumn> {
-    YEARS.iter().map(|y| MeasureColumn::new(*y, 1)).collect()
-}
-
-/// The encrypted population table and a plaintext session holding the same rows.
-fn encrypted_population() -> (SchemaRef, Vec<RecordBatch>, SessionContext) {
-    let (schema, plain) = population().unwrap();
-    let (enc_schema, enc) = encrypt_batches(key(), &plain, &measures()).unwrap();
-    let ctx = SessionContext::new();
-    ctx.register_table(
-        "population",
-        Arc::new(MemTable::try_new(schema, vec![plain]).unwrap()),
-    )
-    .unwrap();
-    (enc_schema, enc, ctx)
-}
-
-async fn upload(
-    remote: &mut Remote,
-    table: &str,
-    mode: IngestMode,
-    schema: &SchemaRef,
-    batches: &[RecordBatch],
-) -> hedf::Result<i64> {
-    let batches: Vec<hedf::Result<RecordBatch>> = batches.iter().cloned().map(Ok).collect();
-    remote
-        .upload(
-            table,
-            mode,
-            UploadOptions::default(),
-            schema.clone(),
-            futures::stream::iter(batches),
-        )
-        .await
 }
 
 /// Decimal values of every column after the `keys` leading ones, row by row.
@@ -169,9 +128,16 @@ async fn queries_downloads_and_prepared_statements_are_exact() {
     let (schema, enc, plain) = encrypted_population();
     let mut alice = server.connect(ALICE).await;
     assert_eq!(
-        upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc)
-            .await
-            .unwrap(),
+        upload(
+            &mut alice,
+            "population",
+            IngestMode::CREATE,
+            UploadOptions::default(),
+            &schema,
+            &enc
+        )
+        .await
+        .unwrap(),
         152
     );
     for over in ["AREA", "AGE GROUP", "SEX"] {
@@ -251,9 +217,16 @@ async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
     let (schema, enc, plain) = encrypted_population();
     let mut alice = server.connect(ALICE).await;
     let mut bob = server.connect(BOB).await;
-    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc)
-        .await
-        .unwrap();
+    upload(
+        &mut alice,
+        "population",
+        IngestMode::CREATE,
+        UploadOptions::default(),
+        &schema,
+        &enc,
+    )
+    .await
+    .unwrap();
 
     let e = alice.query("SELECT * FROM nowhere").await.unwrap_err();
     assert_eq!(code(&e), "NotFound", "{e}");
@@ -266,9 +239,16 @@ async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
     assert_eq!(code(&e), "InvalidArgument", "{e}");
     let e = alice.query("CREATE TABLE t AS SELECT 1").await.unwrap_err();
     assert_eq!(code(&e), "InvalidArgument", "{e}");
-    let e = upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc)
-        .await
-        .unwrap_err();
+    let e = upload(
+        &mut alice,
+        "population",
+        IngestMode::CREATE,
+        UploadOptions::default(),
+        &schema,
+        &enc,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(code(&e), "AlreadyExists", "{e}");
 
     // Authentication.
@@ -300,9 +280,16 @@ async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
     assert_eq!(code(&e), "NotFound", "{e}");
     let e = bob.execute("DROP TABLE population").await.unwrap_err();
     assert_eq!(code(&e), "NotFound", "{e}");
-    let e = upload(&mut bob, "population", IngestMode::APPEND, &schema, &enc)
-        .await
-        .unwrap_err();
+    let e = upload(
+        &mut bob,
+        "population",
+        IngestMode::APPEND,
+        UploadOptions::default(),
+        &schema,
+        &enc,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(code(&e), "NotFound", "{e}");
 
     // Bad uploads: unmarked ciphertext, a secret key in a column, another key, too large.
@@ -317,9 +304,16 @@ async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
         .iter()
         .map(|b| RecordBatch::try_new(unmarked.clone(), b.columns().to_vec()).unwrap())
         .collect();
-    let e = upload(&mut alice, "t2", IngestMode::CREATE, &unmarked, &stripped)
-        .await
-        .unwrap_err();
+    let e = upload(
+        &mut alice,
+        "t2",
+        IngestMode::CREATE,
+        UploadOptions::default(),
+        &unmarked,
+        &stripped,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(code(&e), "InvalidArgument", "{e}");
     let key_bytes = key().to_bytes();
     let leaked = RecordBatch::try_new(
@@ -355,6 +349,7 @@ async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
         &mut alice,
         "population",
         IngestMode::APPEND,
+        UploadOptions::default(),
         &other_schema,
         &other,
     )
@@ -362,9 +357,16 @@ async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
     .unwrap_err();
     assert_eq!(code(&e), "InvalidArgument", "{e}");
     let big: Vec<RecordBatch> = (0..40).flat_map(|_| enc.clone()).collect();
-    let e = upload(&mut alice, "population", IngestMode::REPLACE, &schema, &big)
-        .await
-        .unwrap_err();
+    let e = upload(
+        &mut alice,
+        "population",
+        IngestMode::REPLACE,
+        UploadOptions::default(),
+        &schema,
+        &big,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(code(&e), "ResourceExhausted", "{e}");
 
     // Unsupported RPCs say so, so clients can fall back.
@@ -415,13 +417,27 @@ async fn append_replace_interrupted_upload_and_restart() {
     let mut server = Server::start(dir.path(), &[]);
     let (schema, enc, plain) = encrypted_population();
     let mut alice = server.connect(ALICE).await;
-    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc)
-        .await
-        .unwrap();
+    upload(
+        &mut alice,
+        "population",
+        IngestMode::CREATE,
+        UploadOptions::default(),
+        &schema,
+        &enc,
+    )
+    .await
+    .unwrap();
     assert_eq!(
-        upload(&mut alice, "population", IngestMode::APPEND, &schema, &enc)
-            .await
-            .unwrap(),
+        upload(
+            &mut alice,
+            "population",
+            IngestMode::APPEND,
+            UploadOptions::default(),
+            &schema,
+            &enc
+        )
+        .await
+        .unwrap(),
         152
     );
     assert_exact(&mut alice, &plain, "AREA", 2).await;
@@ -445,9 +461,16 @@ async fn append_replace_interrupted_upload_and_restart() {
     assert_exact(&mut alice, &plain, "AREA", 2).await;
 
     assert_eq!(
-        upload(&mut alice, "population", IngestMode::REPLACE, &schema, &enc)
-            .await
-            .unwrap(),
+        upload(
+            &mut alice,
+            "population",
+            IngestMode::REPLACE,
+            UploadOptions::default(),
+            &schema,
+            &enc
+        )
+        .await
+        .unwrap(),
         152
     );
     assert_exact(&mut alice, &plain, "AGE GROUP", 1).await;
@@ -486,9 +509,16 @@ async fn kill_9_during_a_large_ingest_leaves_the_old_table() {
     let mut server = Server::start(dir.path(), &[]);
     let (schema, enc, plain) = encrypted_population();
     let mut alice = server.connect(ALICE).await;
-    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc)
-        .await
-        .unwrap();
+    upload(
+        &mut alice,
+        "population",
+        IngestMode::CREATE,
+        UploadOptions::default(),
+        &schema,
+        &enc,
+    )
+    .await
+    .unwrap();
 
     // An endless upload replacing the table; the server dies while it streams.
     let endless = futures::stream::iter(std::iter::repeat(enc[0].clone()).map(Ok));
@@ -540,9 +570,16 @@ async fn sixteen_readers_and_two_writers_at_once_all_exact() {
     let server = Server::start(dir.path(), &[]);
     let (schema, enc, plain) = encrypted_population();
     let mut alice = server.connect(ALICE).await;
-    upload(&mut alice, "population", IngestMode::CREATE, &schema, &enc)
-        .await
-        .unwrap();
+    upload(
+        &mut alice,
+        "population",
+        IngestMode::CREATE,
+        UploadOptions::default(),
+        &schema,
+        &enc,
+    )
+    .await
+    .unwrap();
     let plain = Arc::new(plain);
     let until = Instant::now() + Duration::from_secs(4);
     let mut tasks = Vec::new();
@@ -569,6 +606,7 @@ async fn sixteen_readers_and_two_writers_at_once_all_exact() {
                     &mut remote,
                     "population",
                     IngestMode::REPLACE,
+                    UploadOptions::default(),
                     &schema,
                     &enc,
                 )

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::DataType;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use async_trait::async_trait;
 use datafusion::datasource::MemTable;
@@ -44,9 +45,25 @@ impl AsyncDB for HedfDb {
     async fn shutdown(&mut self) {}
 }
 
+/// sqllogictest's type letters of the decrypted columns: T text, I integer, R decimal or
+/// float; the runner checks them against each `query` line.
 fn column_types(batches: &[RecordBatch]) -> Vec<DefaultColumnType> {
-    let n = batches.first().map_or(0, |b| b.num_columns());
-    vec![DefaultColumnType::Any; n]
+    let Some(batch) = batches.first() else {
+        return Vec::new();
+    };
+    batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => DefaultColumnType::Text,
+            t if t.is_integer() => DefaultColumnType::Integer,
+            t if t.is_floating() || matches!(t, DataType::Decimal128(..)) => {
+                DefaultColumnType::FloatingPoint
+            }
+            _ => DefaultColumnType::Any,
+        })
+        .collect()
 }
 
 fn rows(batches: &[RecordBatch]) -> hedf::Result<Vec<Vec<String>>> {
@@ -142,6 +159,7 @@ async fn main() {
             };
             async move { Ok(db) }
         });
+        runner.with_column_validator(sqllogictest::strict_column_validator);
         match runner.run_file_async(file).await {
             Ok(()) => passed += 1,
             Err(e) => {

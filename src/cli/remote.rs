@@ -213,7 +213,8 @@ impl Remote {
     }
 }
 
-fn table_options(mode: IngestMode) -> TableDefinitionOptions {
+/// An ingest mode as Flight SQL's `TableDefinitionOptions`.
+pub fn table_options(mode: IngestMode) -> TableDefinitionOptions {
     TableDefinitionOptions {
         if_not_exist: if mode.create_if_missing {
             TableNotExistOption::Create

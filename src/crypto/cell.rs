@@ -34,6 +34,9 @@ pub const KIND_SUM: &str = "sum";
 pub const LAYOUT_VERSION: u8 = 1;
 
 const CELL_HEADER_LEN: usize = 20;
+/// Bytes of one limb's body (an LWE body, u64) and of one limb's seed (u128).
+pub const BODY_BYTES: usize = 8;
+pub const SEED_BYTES: usize = 16;
 const SUM_MAGIC: &[u8; 4] = b"HSUM";
 const SUM_HEADER_LEN: usize = 4 + 1 + 1 + 1 + 1 + 1 + 8 + 8;
 /// Domain separation of the tagged message.
@@ -49,6 +52,16 @@ pub struct ColumnCrypto {
 impl ColumnCrypto {
     pub fn cell_width(&self) -> usize {
         cell_width(self.spec.limbs)
+    }
+
+    /// Bytes of one value's bodies, all limbs, as storage keeps them.
+    pub fn bodies_width(&self) -> usize {
+        BODY_BYTES * self.spec.limbs as usize
+    }
+
+    /// Bytes of one value's seeds, all limbs, as storage keeps them.
+    pub fn seeds_width(&self) -> usize {
+        SEED_BYTES * self.spec.limbs as usize
     }
 
     pub fn sum_len(&self) -> usize {
@@ -211,28 +224,36 @@ impl ColumnMarking {
 }
 
 pub fn cell_width(limbs: u8) -> usize {
-    CELL_HEADER_LEN + 24 * limbs as usize
+    CELL_HEADER_LEN + (SEED_BYTES + BODY_BYTES) * limbs as usize
+}
+
+/// Limb `limb`'s seed in a value's seeds (as [`CellRef::seed_bytes`] returns them).
+pub fn seed_of(seeds: &[u8], limb: usize) -> u128 {
+    u128::from_le_bytes(
+        seeds[SEED_BYTES * limb..SEED_BYTES * (limb + 1)]
+            .try_into()
+            .expect("16 bytes"),
+    )
 }
 
 /// Assembles a cell from its stored parts (`seeds`: 16 bytes a limb, `bodies`: 8 bytes a limb).
 pub fn assemble_cell(out: &mut [u8], header: &[u8; 12], row: u64, seeds: &[u8], bodies: &[u8]) {
     out[..12].copy_from_slice(header);
-    out[12..20].copy_from_slice(&row.to_le_bytes());
-    out[20..20 + seeds.len()].copy_from_slice(seeds);
-    out[20 + seeds.len()..].copy_from_slice(bodies);
+    out[12..CELL_HEADER_LEN].copy_from_slice(&row.to_le_bytes());
+    out[CELL_HEADER_LEN..CELL_HEADER_LEN + seeds.len()].copy_from_slice(seeds);
+    out[CELL_HEADER_LEN + seeds.len()..].copy_from_slice(bodies);
 }
 
 /// Writes a cell into `out` (exactly `cell_width` bytes).
 pub fn write_cell(out: &mut [u8], crypto: &ColumnCrypto, row: u64, seeds: &[u128], bodies: &[u64]) {
     out[..12].copy_from_slice(&crypto.header());
-    out[12..20].copy_from_slice(&row.to_le_bytes());
-    let limbs = seeds.len();
-    for (l, seed) in seeds.iter().enumerate() {
-        out[20 + 16 * l..36 + 16 * l].copy_from_slice(&seed.to_le_bytes());
+    out[12..CELL_HEADER_LEN].copy_from_slice(&row.to_le_bytes());
+    let (seed_bytes, body_bytes) = out[CELL_HEADER_LEN..].split_at_mut(SEED_BYTES * seeds.len());
+    for (out, seed) in seed_bytes.chunks_exact_mut(SEED_BYTES).zip(seeds) {
+        out.copy_from_slice(&seed.to_le_bytes());
     }
-    let base = 20 + 16 * limbs;
-    for (l, body) in bodies.iter().enumerate() {
-        out[base + 8 * l..base + 8 * l + 8].copy_from_slice(&body.to_le_bytes());
+    for (out, body) in body_bytes.chunks_exact_mut(BODY_BYTES).zip(bodies) {
+        out.copy_from_slice(&body.to_le_bytes());
     }
 }
 
@@ -272,30 +293,26 @@ impl<'a> CellRef<'a> {
     }
 
     pub fn row(&self) -> u64 {
-        u64::from_le_bytes(self.bytes[12..20].try_into().unwrap())
+        u64::from_le_bytes(self.bytes[12..CELL_HEADER_LEN].try_into().unwrap())
     }
 
     pub fn seed(&self, limb: usize) -> u128 {
-        u128::from_le_bytes(
-            self.bytes[20 + 16 * limb..36 + 16 * limb]
-                .try_into()
-                .unwrap(),
-        )
+        seed_of(self.seed_bytes(), limb)
     }
 
     /// The seeds of all limbs, as stored (16 bytes each).
     pub fn seed_bytes(&self) -> &'a [u8] {
-        &self.bytes[20..20 + 16 * self.limbs]
+        &self.bytes[CELL_HEADER_LEN..CELL_HEADER_LEN + SEED_BYTES * self.limbs]
     }
 
     /// The bodies of all limbs, as stored (8 bytes each).
     pub fn body_bytes(&self) -> &'a [u8] {
-        &self.bytes[20 + 16 * self.limbs..]
+        &self.bytes[CELL_HEADER_LEN + SEED_BYTES * self.limbs..]
     }
 
     pub fn body(&self, limb: usize) -> u64 {
-        let at = 20 + 16 * self.limbs + 8 * limb;
-        u64::from_le_bytes(self.bytes[at..at + 8].try_into().unwrap())
+        let at = BODY_BYTES * limb;
+        u64::from_le_bytes(self.body_bytes()[at..at + BODY_BYTES].try_into().unwrap())
     }
 }
 

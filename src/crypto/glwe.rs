@@ -9,7 +9,7 @@
 //! seeder, as tfhe's encryption generator seeds its noise; the product uses tfhe's FFT.
 //!
 //! tfhe's f64 FFT would lose the low bits of a 64-bit product (2^20 and more, against a delta of
-//! 2^18), so the mask is split into three 22-bit limbs: each limb times the binary key has
+//! 2^18), so the mask is split into three 22-bit digits: each digit times the binary key has
 //! coefficients below 2^34, which an f64 FFT of size 4096 yields exactly after rounding; the
 //! three products are shifted back together with wrapping arithmetic, which is exact mod 2^64.
 //! A test checks the product against tfhe's Karatsuba on random masks.
@@ -23,8 +23,10 @@ use tfhe::core_crypto::seeders::new_seeder;
 use crate::crypto::mask::MaskGenerator;
 use crate::crypto::params::{LOG2_DELTA, NOISE_STD_DEV, POLYNOMIAL_SIZE};
 
-const LIMB_BITS: u32 = 22;
-const LIMBS: u32 = 64_u32.div_ceil(LIMB_BITS);
+/// The mask is split into digits of this many bits for the FFT product ("digits", not
+/// "limbs": limbs are the parts a wide measure value is split into, see `encoding`).
+const DIGIT_BITS: u32 = 22;
+const DIGITS: u32 = 64_u32.div_ceil(DIGIT_BITS);
 
 /// The key in the Fourier domain, scaled by 2^-64 so that tfhe's backward transform "as torus"
 /// (which multiplies by 2^64 and wraps) returns the integer product. Shared by all threads.
@@ -59,7 +61,7 @@ pub struct ChunkEncryptor<'k> {
     key: &'k FourierKey,
     masks: MaskGenerator,
     buffers: ComputationBuffers,
-    limb: Vec<u64>,
+    digit: Vec<u64>,
     product: Vec<u64>,
     body: Vec<u64>,
     fourier: FourierPolynomialOwned,
@@ -79,7 +81,7 @@ impl<'k> ChunkEncryptor<'k> {
             key,
             masks: MaskGenerator::default(),
             buffers,
-            limb: vec![0; POLYNOMIAL_SIZE],
+            digit: vec![0; POLYNOMIAL_SIZE],
             product: vec![0; POLYNOMIAL_SIZE],
             body: vec![0; POLYNOMIAL_SIZE],
             fourier: FourierPolynomialOwned::new(PolynomialSize(POLYNOMIAL_SIZE)),
@@ -112,7 +114,7 @@ impl<'k> ChunkEncryptor<'k> {
         mask_times_key(
             self.key,
             mask,
-            &mut self.limb,
+            &mut self.digit,
             &mut self.product,
             &mut self.fourier,
             &mut self.buffers,
@@ -122,25 +124,25 @@ impl<'k> ChunkEncryptor<'k> {
     }
 }
 
-/// Adds mask * key (negacyclic, mod 2^64) to `acc`, exactly, limb by limb through the FFT.
+/// Adds mask * key (negacyclic, mod 2^64) to `acc`, exactly, digit by digit through the FFT.
 fn mask_times_key(
     key: &FourierKey,
     mask: &[u64],
-    limb: &mut [u64],
+    digit: &mut [u64],
     product: &mut [u64],
     fourier: &mut FourierPolynomialOwned,
     buffers: &mut ComputationBuffers,
     acc: &mut [u64],
 ) {
     let fft = key.fft.as_view();
-    for l in 0..LIMBS {
-        let shift = l * LIMB_BITS;
-        for (x, m) in limb.iter_mut().zip(mask) {
-            *x = (m >> shift) & ((1 << LIMB_BITS) - 1);
+    for d in 0..DIGITS {
+        let shift = d * DIGIT_BITS;
+        for (x, m) in digit.iter_mut().zip(mask) {
+            *x = (m >> shift) & ((1 << DIGIT_BITS) - 1);
         }
         fft.forward_as_integer(
             fourier.as_mut_view(),
-            Polynomial::from_container(&*limb),
+            Polynomial::from_container(&*digit),
             buffers.stack(),
         );
         for (c, k) in fourier.data.iter_mut().zip(key.key.data.iter()) {
@@ -183,7 +185,7 @@ mod tests {
             mask_times_key(
                 &key,
                 &mask,
-                &mut enc.limb,
+                &mut enc.digit,
                 &mut enc.product,
                 &mut enc.fourier,
                 &mut enc.buffers,

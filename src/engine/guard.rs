@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 
-use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{plan_err, Column, DFSchema};
 use datafusion::config::ConfigOptions;
 use datafusion::error::Result;
@@ -44,6 +44,7 @@ fn encrypted_columns(schemas: &[&DFSchema]) -> HashSet<Column> {
 }
 
 fn check_node(node: &LogicalPlan) -> Result<()> {
+    refuse_encrypted_subqueries(node)?;
     let inputs: Vec<&DFSchema> = node.inputs().iter().map(|p| p.schema().as_ref()).collect();
     let encrypted = encrypted_columns(&inputs);
     if encrypted.is_empty() {
@@ -95,6 +96,43 @@ fn check_node(node: &LogicalPlan) -> Result<()> {
             .iter()
             .try_for_each(|e| refuse_use(e, &encrypted, "used in")),
     }
+}
+
+/// A subquery's encrypted output may be selected as it is (a scalar subquery projected bare),
+/// never compared: `x IN (SELECT enc ...)` or `(SELECT enc ...) = y` would compare ciphertext.
+fn refuse_encrypted_subqueries(node: &LogicalPlan) -> Result<()> {
+    let bare = |e: &Expr| {
+        matches!(node, LogicalPlan::Projection(_))
+            && matches!(e.clone().unalias_nested().data, Expr::ScalarSubquery(_))
+    };
+    for e in node.expressions() {
+        let mut refused = None;
+        e.apply(|x| {
+            let output = match x {
+                Expr::InSubquery(s) => Some(s.subquery.subquery.schema()),
+                Expr::ScalarSubquery(s) if !bare(&e) => Some(s.subquery.schema()),
+                _ => None,
+            };
+            if let Some(field) = output.and_then(|schema| {
+                schema
+                    .fields()
+                    .iter()
+                    .find(|f| f.metadata().contains_key(META_KIND))
+            }) {
+                refused = Some(field.name().clone());
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        if let Some(name) = refused {
+            return plan_err!(
+                "{name} is encrypted and cannot be compared as a subquery's result on the \
+                 server; encrypted columns can only be selected, summed with he_sum(...) or \
+                 counted"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn is_bare_column(e: &Expr) -> bool {

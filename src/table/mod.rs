@@ -1,7 +1,7 @@
 //! `EncryptedTable`: a DataFusion `TableProvider` over a folder of encrypted Parquet files.
 //!
 //! Plaintext dimension columns are ordinary Parquet columns, so DataFusion prunes and filters
-//! them as usual; measure columns are stored compactly (see [`storage`]) and re-assembled into
+//! them as usual; measure columns are stored compactly (see the `storage` module) and re-assembled into
 //! cells on the fly by `CellAssembleExec`, one batch at a time. The provider holds no key.
 
 mod exec;

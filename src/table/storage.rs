@@ -120,7 +120,6 @@ impl StorageLayout {
                             second: crypto.key_id.to_string(),
                         });
                     }
-                    let limbs = crypto.spec.limbs as i32;
                     columns.push(ColumnLayout::Cell {
                         marking,
                         body: storage_fields.len(),
@@ -128,8 +127,12 @@ impl StorageLayout {
                         seed: usize::MAX,
                     });
                     storage_fields.push(
-                        Field::new(field.name(), DataType::FixedSizeBinary(8 * limbs), true)
-                            .with_metadata(field.metadata().clone()),
+                        Field::new(
+                            field.name(),
+                            DataType::FixedSizeBinary(crypto.bodies_width() as i32),
+                            true,
+                        )
+                        .with_metadata(field.metadata().clone()),
                     );
                     extra.push(Field::new(
                         format!("{ROW_PREFIX}{}", field.name()),
@@ -138,7 +141,7 @@ impl StorageLayout {
                     ));
                     extra.push(Field::new(
                         format!("{SEED_PREFIX}{}", field.name()),
-                        DataType::FixedSizeBinary(16 * limbs),
+                        DataType::FixedSizeBinary(crypto.seeds_width() as i32),
                         true,
                     ));
                 }
@@ -196,8 +199,9 @@ impl StorageLayout {
         Ok(layout)
     }
 
-    /// Splits cells into stored parts, validating every cell against its column.
-    pub fn to_storage(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+    /// Splits a batch of engine cells into stored parts (bodies, rows, seeds), validating every
+    /// cell against its column.
+    pub fn split_cells(&self, batch: &RecordBatch) -> Result<RecordBatch> {
         if batch.schema().fields().len() != self.engine.fields().len() {
             return Err(HedfError::Invalid(
                 "batch does not match the table's schema".into(),
@@ -214,16 +218,16 @@ impl StorageLayout {
             let cells = column
                 .as_fixed_size_binary_opt()
                 .ok_or_else(|| HedfError::Invalid("cell column is not FixedSizeBinary".into()))?;
-            let limbs = crypto.spec.limbs as usize;
+            let (body_width, seed_width) = (crypto.bodies_width(), crypto.seeds_width());
             let (mut bodies, mut seeds, mut rows) = (
-                Vec::with_capacity(cells.len() * 8 * limbs),
-                Vec::with_capacity(cells.len() * 16 * limbs),
+                Vec::with_capacity(cells.len() * body_width),
+                Vec::with_capacity(cells.len() * seed_width),
                 Vec::with_capacity(cells.len()),
             );
             for i in 0..cells.len() {
                 if cells.is_null(i) {
-                    bodies.resize(bodies.len() + 8 * limbs, 0);
-                    seeds.resize(seeds.len() + 16 * limbs, 0);
+                    bodies.resize(bodies.len() + body_width, 0);
+                    seeds.resize(seeds.len() + seed_width, 0);
                     rows.push(0);
                     continue;
                 }
@@ -234,13 +238,13 @@ impl StorageLayout {
             }
             let nulls = cells.nulls().cloned();
             plain.push(Arc::new(FixedSizeBinaryArray::new(
-                8 * limbs as i32,
+                body_width as i32,
                 Buffer::from_vec(bodies),
                 nulls.clone(),
             )));
             extra.push(Arc::new(UInt64Array::new(rows.into(), nulls.clone())));
             extra.push(Arc::new(FixedSizeBinaryArray::new(
-                16 * limbs as i32,
+                seed_width as i32,
                 Buffer::from_vec(seeds),
                 nulls,
             )));
@@ -328,9 +332,9 @@ impl StorageLayout {
         }
     }
 
-    /// Validates a batch of stored parts and gives it this layout's schema: every present body
-    /// has its row and seed, plaintext binary and text hold no secret key.
-    pub fn check_stored(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+    /// Validates a batch that already holds stored parts and gives it this layout's schema:
+    /// every present body has its row and seed, plaintext columns hold no secret key.
+    pub fn validate_parts(&self, batch: &RecordBatch) -> Result<RecordBatch> {
         let fields = self.storage.fields();
         if batch.num_columns() != fields.len()
             || batch
@@ -369,8 +373,8 @@ impl StorageLayout {
         )?)
     }
 
-    /// Converts a batch in `format` to stored parts, validating it.
-    pub fn to_stored(&self, format: UploadFormat, batch: &RecordBatch) -> Result<RecordBatch> {
+    /// The stored parts of an uploaded batch in `format`, validated.
+    pub fn stored_parts(&self, format: UploadFormat, batch: &RecordBatch) -> Result<RecordBatch> {
         match format {
             UploadFormat::Cells => {
                 for (layout, column) in self.columns.iter().zip(batch.columns()) {
@@ -378,9 +382,9 @@ impl StorageLayout {
                         refuse_key_material(self.storage.field(*storage).name(), column)?;
                     }
                 }
-                self.to_storage(batch)
+                self.split_cells(batch)
             }
-            UploadFormat::Stored => self.check_stored(batch),
+            UploadFormat::Stored => self.validate_parts(batch),
         }
     }
 }
@@ -500,7 +504,7 @@ impl SegmentWriter {
 
     /// Validates and appends one batch in the writer's upload format.
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        let stored = self.layout.to_stored(self.format, batch)?;
+        let stored = self.layout.stored_parts(self.format, batch)?;
         self.rows += stored.num_rows();
         self.writer.write(&stored)?;
         Ok(())
@@ -546,8 +550,8 @@ pub(crate) fn assemble_cells(
     let rows = rows
         .as_primitive_opt::<arrow::datatypes::UInt64Type>()
         .ok_or_else(malformed)?;
-    let limbs = crypto.spec.limbs as usize;
-    if bodies.value_length() as usize != 8 * limbs || seeds.value_length() as usize != 16 * limbs {
+    let (body_width, seed_width) = (crypto.bodies_width(), crypto.seeds_width());
+    if bodies.value_length() as usize != body_width || seeds.value_length() as usize != seed_width {
         return Err(malformed());
     }
     let width = crypto.cell_width();
@@ -561,13 +565,13 @@ pub(crate) fn assemble_cells(
                     "stored cell lacks its row or seed".into(),
                 ));
             }
-            let seed = &seed_bytes[i * 16 * limbs..(i + 1) * 16 * limbs];
+            let seed = &seed_bytes[i * seed_width..(i + 1) * seed_width];
             assemble_cell(
                 cell,
                 &header,
                 rows.value(i),
                 seed,
-                &body_bytes[i * 8 * limbs..(i + 1) * 8 * limbs],
+                &body_bytes[i * body_width..(i + 1) * body_width],
             );
         }
     }

@@ -19,7 +19,7 @@ use datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature, Volatility,
 };
 
-pub use accumulator::HeSumAccumulator;
+pub use accumulator::HeSumGroupsAccumulator;
 
 use crate::crypto::cell::{ColumnKind, ColumnMarking, META_KEY_ID, META_KIND};
 
@@ -104,9 +104,9 @@ impl AggregateUDFImpl for HeSum {
     }
 }
 
-fn new_accumulator(args: &AccumulatorArgs) -> Result<HeSumAccumulator> {
+fn new_accumulator(args: &AccumulatorArgs) -> Result<HeSumGroupsAccumulator> {
     let field = &args.expr_fields[0];
-    Ok(HeSumAccumulator::new(
+    Ok(HeSumGroupsAccumulator::new(
         field.name().clone(),
         argument_marking(field)?.crypto,
     ))
@@ -114,7 +114,7 @@ fn new_accumulator(args: &AccumulatorArgs) -> Result<HeSumAccumulator> {
 
 /// he_sum without GROUP BY: the group accumulator with one group.
 #[derive(Debug)]
-struct SingleGroup(HeSumAccumulator);
+struct SingleGroup(HeSumGroupsAccumulator);
 
 fn single_value(array: ArrayRef) -> Result<ScalarValue> {
     ScalarValue::try_from_array(&array, 0)

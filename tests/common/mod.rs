@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod population;
+pub mod tables;
+pub mod values;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -1,58 +1,9 @@
-//! The seed's population table as test fixtures: its CSV, its columns, and the seed's
-//! aggregation "by X" as SQL (for he_sum over ciphertext or SUM over plaintext).
+//! The seed's population table as test fixtures: the demo's own file, included by path so
+//! that it stays out of hedf's public API.
 // Each test binary uses a subset of these.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::sync::Arc;
+#[path = "../../src/cli/demo/population.rs"]
+mod shared;
 
-use arrow::array::RecordBatch;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use hedf::HedfError;
-
-/// 152 rows: 4 areas x 19 age groups x 2 sexes, years 2018-2022.
-pub const POPULATION_CSV: &str = include_str!("../../data/population.csv");
-pub const DIMENSIONS: [&str; 3] = ["AREA", "AGE GROUP", "SEX"];
-pub const YEARS: [&str; 5] = ["2018", "2019", "2020", "2021", "2022"];
-
-/// The population table as Arrow: dimensions as strings, years as exact DECIMAL(10, 1).
-pub fn population() -> hedf::Result<(SchemaRef, Vec<RecordBatch>)> {
-    let fields: Vec<Field> = DIMENSIONS
-        .iter()
-        .map(|d| Field::new(*d, DataType::Utf8, false))
-        .chain(
-            YEARS
-                .iter()
-                .map(|y| Field::new(*y, DataType::Decimal128(10, 1), true)),
-        )
-        .collect();
-    let schema = Arc::new(Schema::new(fields));
-    let reader = arrow::csv::ReaderBuilder::new(schema.clone())
-        .with_header(true)
-        .build(std::io::Cursor::new(POPULATION_CSV))?;
-    let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok((schema, batches))
-}
-
-/// The seed's aggregation "by X": sum every year over X, i.e. GROUP BY the other dimensions.
-pub fn aggregation_sql(table: &str, over: &str, sum: &str) -> hedf::Result<String> {
-    if !DIMENSIONS.contains(&over) {
-        return Err(HedfError::Invalid(format!(
-            "invalid or missing aggregation parameter: {over}. must be one of {:?}",
-            DIMENSIONS
-        )));
-    }
-    let keys: Vec<String> = DIMENSIONS
-        .iter()
-        .filter(|d| **d != over)
-        .map(|d| format!("\"{d}\""))
-        .collect();
-    let sums: Vec<String> = YEARS
-        .iter()
-        .map(|y| format!("{sum}(\"{y}\") AS \"{y}\""))
-        .collect();
-    let keys = keys.join(", ");
-    Ok(format!(
-        "SELECT {keys}, {} FROM {table} GROUP BY {keys} ORDER BY {keys}",
-        sums.join(", ")
-    ))
-}
+pub use shared::*;

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Decimal128Type, Field, Schema, SchemaRef};
+use arrow::datatypes::Decimal128Type;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
@@ -17,53 +17,19 @@ use crate::crypto::keys::ClientKey;
 use crate::error::{HedfError, Result};
 use crate::protocol::{IngestMode, UploadOptions};
 
-/// The embedded demo dataset: 152 rows, 4 areas x 19 age groups x 2 sexes, years 2018-2022.
-const POPULATION_CSV: &str = include_str!("../../data/population.csv");
-const DIMENSIONS: [&str; 3] = ["AREA", "AGE GROUP", "SEX"];
-const YEARS: [&str; 5] = ["2018", "2019", "2020", "2021", "2022"];
+mod population;
+
+use population::{population, DIMENSIONS, YEARS};
+
 const TABLE: &str = "population";
 
-/// The population table as Arrow: dimensions as strings, years as exact DECIMAL(10, 1).
-fn population() -> Result<(SchemaRef, Vec<RecordBatch>)> {
-    let fields: Vec<Field> = DIMENSIONS
-        .iter()
-        .map(|d| Field::new(*d, DataType::Utf8, false))
-        .chain(
-            YEARS
-                .iter()
-                .map(|y| Field::new(*y, DataType::Decimal128(10, 1), true)),
-        )
-        .collect();
-    let schema = Arc::new(Schema::new(fields));
-    let reader = arrow::csv::ReaderBuilder::new(schema.clone())
-        .with_header(true)
-        .build(std::io::Cursor::new(POPULATION_CSV))?;
-    let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok((schema, batches))
-}
-
-/// The seed's aggregation "by X": sum every year over X, i.e. GROUP BY the other dimensions.
+/// The seed's aggregation "by X", or the prototype's error for an X that is not a dimension.
 fn aggregation_sql(table: &str, over: &str, sum: &str) -> Result<String> {
-    if !DIMENSIONS.contains(&over) {
-        return Err(HedfError::Invalid(format!(
-            "invalid or missing aggregation parameter: {over}. must be one of {:?}",
-            DIMENSIONS
-        )));
-    }
-    let keys: Vec<String> = DIMENSIONS
-        .iter()
-        .filter(|d| **d != over)
-        .map(|d| format!("\"{d}\""))
-        .collect();
-    let sums: Vec<String> = YEARS
-        .iter()
-        .map(|y| format!("{sum}(\"{y}\") AS \"{y}\""))
-        .collect();
-    let keys = keys.join(", ");
-    Ok(format!(
-        "SELECT {keys}, {} FROM {table} GROUP BY {keys} ORDER BY {keys}",
-        sums.join(", ")
-    ))
+    population::aggregation_sql(table, over, sum).ok_or_else(|| {
+        HedfError::Invalid(format!(
+            "invalid or missing aggregation parameter: {over}. must be one of {DIMENSIONS:?}"
+        ))
+    })
 }
 
 /// Checks decrypted sums against plaintext DataFusion SUM on the same rows; returns the count

@@ -91,6 +91,7 @@ async fn main() {
         data_dir: dir.path().to_path_buf(),
         users: None,
         max_upload_bytes: u64::MAX,
+        memory_limit: None,
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(hedf::server::flight::serve(

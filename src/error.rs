@@ -56,8 +56,9 @@ pub enum HedfError {
     /// The server could not be reached (what follows names it and says why).
     #[error("cannot reach {0}")]
     Unavailable(String),
-    #[error("query cancelled")]
-    Cancelled,
+    /// What was cancelled, and what that left.
+    #[error("{0}")]
+    Cancelled(&'static str),
     #[error("invalid input: {0}")]
     Invalid(String),
     #[error("invalid key file: {0}")]
@@ -167,8 +168,9 @@ impl HedfError {
             TooLarge(_) => ErrorKind::ResourceExhausted,
             Remote { kind, .. } => *kind,
             Unavailable(_) => ErrorKind::Unavailable,
-            Cancelled => ErrorKind::Cancelled,
-            Internal(_) | Io(_) | Arrow(_) => ErrorKind::Internal,
+            Cancelled(_) => ErrorKind::Cancelled,
+            Arrow(e) => arrow_kind(e),
+            Internal(_) | Io(_) => ErrorKind::Internal,
             #[cfg(feature = "engine")]
             Parquet(_) | Flight(_) => ErrorKind::Internal,
             #[cfg(feature = "engine")]
@@ -201,6 +203,25 @@ impl HedfError {
     }
 }
 
+/// Errors a query or a file can cause by its values (a division by zero, a bad cast, a number
+/// that does not parse) are the caller's; the rest (I/O, memory) are internal.
+fn arrow_kind(e: &arrow::error::ArrowError) -> ErrorKind {
+    use arrow::error::ArrowError::*;
+    match e {
+        DivideByZero
+        | CastError(_)
+        | ComputeError(_)
+        | ArithmeticOverflow(_)
+        | ParseError(_)
+        | InvalidArgumentError(_)
+        | CsvError(_)
+        | JsonError(_)
+        | SchemaError(_)
+        | IpcError(_) => ErrorKind::InvalidArgument,
+        _ => ErrorKind::Internal,
+    }
+}
+
 #[cfg(feature = "engine")]
 fn datafusion_kind(e: &datafusion::error::DataFusionError) -> ErrorKind {
     use datafusion::error::DataFusionError::*;
@@ -209,6 +230,7 @@ fn datafusion_kind(e: &datafusion::error::DataFusionError) -> ErrorKind {
             ErrorKind::InvalidArgument
         }
         ResourcesExhausted(_) => ErrorKind::ResourceExhausted,
+        ArrowError(e, _) => arrow_kind(e),
         External(inner) => inner
             .downcast_ref::<HedfError>()
             .map_or(ErrorKind::Internal, HedfError::kind),

@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(HedfError::Cancelled) => {
+        Err(HedfError::Cancelled(_)) => {
             eprintln!("error: query cancelled");
             ExitCode::from(130)
         }

@@ -1,5 +1,6 @@
 //! A client nobody here wrote: the Python ADBC Flight SQL driver (PyPI `adbc-driver-flightsql`
-//! and `pyarrow`, installed by `.ci/run`) ingests, queries and lists through a real server.
+//! and `pyarrow`, in the tests' own Python environment) ingests, queries with plain SUM and lists
+//! through a real server.
 
 mod common;
 

@@ -549,7 +549,7 @@ fn save_local_result(data: &Path, table: &Path, result: &Path) {
         .success();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (schema, batches) = runtime.block_on(async {
-        let tenant = hedf::server::catalog::Catalog::open(data)
+        let tenant = hedf::server::catalog::Catalog::open(data, None)
             .unwrap()
             .tenant(hedf::protocol::ANONYMOUS)
             .unwrap();

@@ -55,7 +55,8 @@ async fn run(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<Vec<R
     ctx.sql(sql).await?.collect().await
 }
 
-/// All values of all columns as optional i128 (decimals unscaled, strings hashed away).
+/// The Decimal128 columns' values as optional i128 (unscaled): the sums, where group keys
+/// are compared elsewhere or not at all.
 fn decimals(batches: &[RecordBatch]) -> Vec<Vec<Option<i128>>> {
     let mut rows = Vec::new();
     for b in batches {
@@ -283,7 +284,7 @@ fn seed_tables_are_reproduced_exactly() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut out = Vec::new();
-    let mut local = hedf::cli::connection::Connection::local(dir.path(), None).unwrap();
+    let mut local = hedf::cli::connection::Connection::local(dir.path(), None, None).unwrap();
     rt.block_on(hedf::cli::demo::run(&mut local, &mut out))
         .unwrap();
     let out = String::from_utf8(out).unwrap();

@@ -632,3 +632,59 @@ async fn sixteen_readers_and_two_writers_at_once_all_exact() {
         "retired segments were not deleted: {names:?}"
     );
 }
+
+/// Queries draw on one memory pool of `--memory-limit`: an aggregation whose he_sum states do
+/// not fit fails with RESOURCE_EXHAUSTED, and the server goes on answering, exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_over_the_memory_limit_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--memory-limit", "64MiB"]);
+    let mut alice = server.connect(ALICE).await;
+
+    // 6,000 groups of one row: 6,000 x 32 KiB of mask sums, three times the limit.
+    let rows = 6_000;
+    let cents: Vec<i128> = (0..rows as i128)
+        .map(|i| (i * 7919) % 20_001 - 10_000)
+        .collect();
+    let plain = RecordBatch::try_from_iter(vec![
+        (
+            "g",
+            Arc::new(arrow::array::Int64Array::from_iter_values(0..rows as i64)) as _,
+        ),
+        (
+            "v",
+            Arc::new(
+                arrow::array::Decimal128Array::from(cents.clone())
+                    .with_precision_and_scale(7, 2)
+                    .unwrap(),
+            ) as _,
+        ),
+    ])
+    .unwrap();
+    let measures = [hedf::MeasureColumn::new("v", 2)];
+    let (schema, enc) = encrypt_batches(key(), &[plain], &measures).unwrap();
+    upload(
+        &mut alice,
+        "wide",
+        IngestMode::CREATE,
+        UploadOptions::default(),
+        &schema,
+        &enc,
+    )
+    .await
+    .unwrap();
+
+    let e = alice
+        .query("SELECT g, SUM(v) FROM wide GROUP BY g")
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), hedf::ErrorKind::ResourceExhausted, "{e}");
+    assert!(e.to_string().contains("64.0 MB"), "{e}");
+
+    let (_, batches) = alice.query("SELECT SUM(v) FROM wide").await.unwrap();
+    let total = decrypt_batch(key(), &batches[0]).unwrap();
+    assert_eq!(
+        values(&[total], 0),
+        vec![vec![Some(cents.iter().sum::<i128>())]]
+    );
+}

@@ -114,6 +114,10 @@ enum Command {
         /// Run the statements and commands in FILE, then exit (repeatable).
         #[arg(short = 'f', long = "file")]
         files: Vec<PathBuf>,
+        /// Memory all local queries may hold (e.g. 512MiB, 4GiB, or `unlimited`); beyond it
+        /// aggregations spill to disk, or the query fails. Default: 1/4 of the machine's memory.
+        #[arg(long, value_parser = parse_memory_limit, conflicts_with = "server")]
+        memory_limit: Option<MemoryLimit>,
     },
     /// Run the Arrow Flight SQL server.
     Serve {
@@ -134,6 +138,11 @@ enum Command {
         /// Largest upload accepted, in bytes.
         #[arg(long, default_value_t = 16 << 30)]
         max_upload_bytes: u64,
+        /// Memory all queries together may hold (e.g. 512MiB, 4GiB, or `unlimited`); beyond
+        /// it aggregations spill to disk, or the query fails with RESOURCE_EXHAUSTED.
+        /// Default: 1/4 of the machine's memory.
+        #[arg(long, value_parser = parse_memory_limit)]
+        memory_limit: Option<MemoryLimit>,
     },
     /// Talk to a running server.
     Client {
@@ -193,7 +202,7 @@ impl Target {
                 let login = login(self.user.as_deref())?;
                 Connection::remote(url, login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))).await
             }
-            None => Connection::local(&self.data_dir(), self.user.as_deref()),
+            None => Connection::local(&self.data_dir(), self.user.as_deref(), None),
         }
     }
 
@@ -296,7 +305,19 @@ pub async fn run(cli: Cli) -> Result<()> {
             format,
             commands,
             files,
-        } => sql(&target, key.as_deref(), format, &commands, &files).await,
+            memory_limit,
+        } => {
+            let memory_limit = memory_limit.unwrap_or_default().0;
+            sql(
+                &target,
+                key.as_deref(),
+                format,
+                &commands,
+                &files,
+                memory_limit,
+            )
+            .await
+        }
         Command::Serve {
             data_dir,
             listen,
@@ -304,14 +325,20 @@ pub async fn run(cli: Cli) -> Result<()> {
             users_file,
             insecure_no_auth,
             max_upload_bytes,
+            memory_limit,
         } => {
+            let config = ServerConfig {
+                data_dir: data_dir.unwrap_or_else(default_data_dir),
+                users: None,
+                max_upload_bytes,
+                memory_limit: memory_limit.unwrap_or_default().0,
+            };
             serve(
-                data_dir,
+                config,
                 listen,
                 &users,
                 users_file.as_deref(),
                 insecure_no_auth,
-                max_upload_bytes,
             )
             .await
         }
@@ -331,7 +358,7 @@ async fn demo(data_dir: Option<PathBuf>) -> Result<()> {
             temp.path().to_path_buf()
         }
     };
-    let mut connection = Connection::local(&dir, None)?;
+    let mut connection = Connection::local(&dir, None, None)?;
     crate::cli::demo::run(&mut connection, &mut std::io::stdout().lock()).await
 }
 
@@ -438,10 +465,15 @@ async fn sql(
     format: Format,
     commands: &[String],
     files: &[PathBuf],
+    memory_limit: Option<usize>,
 ) -> Result<()> {
     let started = Instant::now();
     let key = key.map(load_key).transpose()?;
-    let mut session = Session::new(target.connect().await?, key, format);
+    let connection = match &target.server {
+        Some(_) => target.connect().await?,
+        None => Connection::local(&target.data_dir(), target.user.as_deref(), memory_limit)?,
+    };
+    let mut session = Session::new(connection, key, format);
     if commands.is_empty() && files.is_empty() && std::io::stdin().is_terminal() {
         return session
             .interactive(history_path().as_deref(), started.elapsed())
@@ -464,14 +496,22 @@ async fn sql(
     Ok(())
 }
 
+/// Runs the server of `config`, its users taken from `user_args` and `users_file`.
 async fn serve(
-    data_dir: Option<PathBuf>,
+    mut config: ServerConfig,
     listen: SocketAddr,
     user_args: &[String],
     users_file: Option<&Path>,
     insecure_no_auth: bool,
-    max_upload_bytes: u64,
 ) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HEDF_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     let mut users = match users_file {
         Some(path) => Users::load(path)?,
         None => Users::default(),
@@ -482,11 +522,11 @@ async fn serve(
         })?;
         users.add(name, password)?;
     }
-    let users = match (insecure_no_auth, users.is_empty()) {
+    config.users = match (insecure_no_auth, users.is_empty()) {
         (true, true) => {
-            eprintln!(
-                "WARNING: authentication is OFF (--insecure-no-auth): anyone who can reach \
-                 {listen} can read, upload and drop tables. Local demos only."
+            tracing::warn!(
+                "authentication is OFF (--insecure-no-auth): anyone who can reach {listen} can \
+                 read, upload and drop tables. Local demos only."
             );
             None
         }
@@ -504,20 +544,10 @@ async fn serve(
         }
         (false, false) => Some(users),
     };
-    let data_dir = data_dir.unwrap_or_else(default_data_dir);
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HEDF_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let config = ServerConfig {
-        data_dir: data_dir.clone(),
-        users,
-        max_upload_bytes,
-    };
+    if let Some(limit) = config.memory_limit {
+        tracing::info!(bytes = limit, "query memory limit");
+    }
+    let data_dir = config.data_dir.clone();
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -551,4 +581,81 @@ fn hash_password_from_stdin() -> Result<()> {
         hash_password(password.trim_end_matches(['\r', '\n']))?
     );
     Ok(())
+}
+
+/// `--memory-limit`: bytes for every query together, or `None` for no limit.
+#[derive(Clone, Copy, Debug)]
+struct MemoryLimit(Option<usize>);
+
+impl Default for MemoryLimit {
+    /// A quarter of the machine's memory where it can be read (Linux), else no limit. A
+    /// quarter, because DataFusion accounts an aggregation's state after each batch grew it:
+    /// a query refused at a 512 MiB limit had reached 1.6 GB of RSS (60,000 groups).
+    fn default() -> Self {
+        let total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|info| {
+                let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+                let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+                kib.checked_mul(1024)
+            });
+        MemoryLimit(total.map(|bytes| bytes / 4))
+    }
+}
+
+/// `4GiB`, `512MiB`, `64KiB`, `1048576` (bytes), or `unlimited`. Units are binary; `G`, `GB`
+/// and `GiB` all mean 2^30.
+fn parse_memory_limit(text: &str) -> std::result::Result<MemoryLimit, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("unlimited") {
+        return Ok(MemoryLimit(None));
+    }
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => {
+            return Err(format!(
+                "unknown unit in {text:?}: use KiB, MiB, GiB or TiB"
+            ))
+        }
+    };
+    let bytes = number
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{text:?} is not a size such as 512MiB or 4GiB"))?;
+    Ok(MemoryLimit(Some(bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_limits_parse_with_binary_units() {
+        let parse = |s| parse_memory_limit(s).map(|m| m.0);
+        assert_eq!(parse("512MiB"), Ok(Some(512 << 20)));
+        assert_eq!(parse("4G"), Ok(Some(4 << 30)));
+        assert_eq!(parse("64 kb"), Ok(Some(64 << 10)));
+        assert_eq!(parse("1048576"), Ok(Some(1 << 20)));
+        assert_eq!(parse("Unlimited"), Ok(None));
+        for bad in [
+            "",
+            "0",
+            "-1GiB",
+            "1.5GiB",
+            "12 parsecs",
+            "99999999999999999999TiB",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
 }

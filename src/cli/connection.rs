@@ -21,11 +21,12 @@ pub enum Connection {
 }
 
 impl Connection {
-    /// `user`'s tables in a server data folder, read and changed in this process. Without a
-    /// user, the tenant a server started with `--insecure-no-auth` uses.
-    pub fn local(data_dir: &Path, user: Option<&str>) -> Result<Self> {
+    /// `user`'s tables in a server data folder, read and changed in this process, its
+    /// queries holding at most `memory_limit` bytes. Without a user, the tenant a server
+    /// started with `--insecure-no-auth` uses.
+    pub fn local(data_dir: &Path, user: Option<&str>, memory_limit: Option<usize>) -> Result<Self> {
         let user = user.unwrap_or(ANONYMOUS);
-        let tenant = Catalog::open(data_dir)?.tenant(user)?;
+        let tenant = Catalog::open(data_dir, memory_limit)?.tenant(user)?;
         Ok(Connection::Local {
             tenant,
             label: format!("{} (user {user})", data_dir.display()),

@@ -176,28 +176,28 @@ impl ClientKey {
     }
 
     /// Writes the key file with mode 0600; refuses to replace an existing file unless `force`.
+    /// The file appears whole or not at all: written beside its place, then renamed.
     pub fn save(&self, path: &Path, force: bool) -> Result<()> {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true);
-        if force {
-            options.create(true).truncate(true);
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        // tempfile creates the file with mode 0600.
+        let mut file = tempfile::NamedTempFile::new_in(dir)?;
+        file.write_all(&self.to_bytes())?;
+        file.as_file().sync_all()?;
+        let persisted = if force {
+            file.persist(path)
         } else {
-            options.create_new(true);
-        }
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(path).map_err(|e| match e.kind() {
+            file.persist_noclobber(path)
+        };
+        persisted.map_err(|e| match e.error.kind() {
             std::io::ErrorKind::AlreadyExists => HedfError::KeyFile(format!(
                 "{} exists; pass --force to overwrite it",
                 path.display()
             )),
-            _ => HedfError::Io(e),
+            _ => HedfError::Io(e.error),
         })?;
-        // `mode` applies only when the file is created; an overwritten file is tightened too.
-        #[cfg(unix)]
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        file.write_all(&self.to_bytes())?;
-        file.sync_all()?;
         Ok(())
     }
 
@@ -302,6 +302,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--force"));
+        assert_eq!(
+            ClientKey::load(&path).unwrap().id(),
+            key.id(),
+            "refused save changed it"
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1, "a refused save left a temporary file");
         #[cfg(unix)]
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
             .unwrap();

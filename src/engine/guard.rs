@@ -1,8 +1,11 @@
-//! An analyzer rule that refuses plans which would treat ciphertexts as plaintext.
+//! Refuses plans which would treat ciphertexts as plaintext.
 //!
 //! DataFusion would happily compare, sort, group, hash or compute on the cell and sum bytes and
-//! return meaningless answers. An encrypted column may only be selected as it is, summed with
-//! `he_sum` or counted; anything else is a planning error that says so.
+//! return meaningless answers. An encrypted column may only be selected as it is, summed
+//! (`SUM`/`he_sum`) or counted; anything else is a planning error that says so. Two checks:
+//! [`CiphertextGuard`], an analyzer rule over the whole plan, and [`OperatorGuard`], which sees
+//! operators (`SUM(x) > 10`, `x - y`) as the SQL planner builds them, before DataFusion's type
+//! coercion fails on binary operands with a message about types.
 
 use std::collections::HashSet;
 
@@ -11,6 +14,7 @@ use datafusion::common::{plan_err, Column, DFSchema};
 use datafusion::config::ConfigOptions;
 use datafusion::error::Result;
 use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::planner::{ExprPlanner, PlannerResult, RawBinaryExpr};
 use datafusion::logical_expr::{Distinct, Expr, LogicalPlan};
 use datafusion::optimizer::AnalyzerRule;
 
@@ -31,6 +35,57 @@ impl AnalyzerRule for CiphertextGuard {
 
     fn name(&self) -> &str {
         "hedf_ciphertext_guard"
+    }
+}
+
+/// Refuses a binary operator with an encrypted operand: a column or a sum.
+#[derive(Debug, Default)]
+pub struct OperatorGuard;
+
+impl ExprPlanner for OperatorGuard {
+    fn plan_binary_op(
+        &self,
+        expr: RawBinaryExpr,
+        schema: &DFSchema,
+    ) -> Result<PlannerResult<RawBinaryExpr>> {
+        let encrypted = [&expr.left, &expr.right]
+            .into_iter()
+            .find(|e| is_encrypted_operand(e, schema));
+        match encrypted {
+            Some(operand) => {
+                let name = match operand {
+                    Expr::Column(c) => c.name.clone(),
+                    other => other.schema_name().to_string(),
+                };
+                plan_err!(
+                    "{name} is encrypted: `{}` needs its plaintext, which only the key's owner \
+                     has; on the server an encrypted column can only be selected, summed (SUM) \
+                     or counted, and computing on the sums happens after the client decrypts them",
+                    expr.op
+                )
+            }
+            None => Ok(PlannerResult::Original(expr)),
+        }
+    }
+}
+
+/// An encrypted column or a sum of one. Decided without typing the operand: the planner asks
+/// for every operator of an expression, and typing a deep operand each time would cost the
+/// square of its depth (a 5,000-term chain). Nested operators were checked as they were built;
+/// other wrappers around a ciphertext fail in type checking or in [`CiphertextGuard`].
+fn is_encrypted_operand(e: &Expr, schema: &DFSchema) -> bool {
+    let encrypted_column = |e: &Expr| match e {
+        Expr::Column(c) => schema
+            .qualified_field_from_column(c)
+            .is_ok_and(|(_, f)| f.metadata().contains_key(META_KIND)),
+        _ => false,
+    };
+    match e {
+        Expr::AggregateFunction(f) => {
+            // Only sums of ciphertext are ciphertext; COUNT(enc) is a plaintext count.
+            matches!(f.func.name(), "sum" | HE_SUM) && f.params.args.iter().any(encrypted_column)
+        }
+        other => encrypted_column(other),
     }
 }
 
@@ -127,8 +182,7 @@ fn refuse_encrypted_subqueries(node: &LogicalPlan) -> Result<()> {
         if let Some(name) = refused {
             return plan_err!(
                 "{name} is encrypted and cannot be compared as a subquery's result on the \
-                 server; encrypted columns can only be selected, summed with he_sum(...) or \
-                 counted"
+                 server; encrypted columns can only be selected, summed (SUM) or counted"
             );
         }
     }
@@ -139,12 +193,13 @@ fn is_bare_column(e: &Expr) -> bool {
     matches!(e.clone().unalias_nested().data, Expr::Column(_))
 }
 
-/// he_sum(col) or COUNT(col), without DISTINCT or ORDER BY (both compare values).
+/// he_sum(col), SUM(col) or COUNT(col), without DISTINCT or ORDER BY (both compare values).
 fn is_allowed_aggregate(e: &Expr) -> bool {
     match e.clone().unalias_nested().data {
         Expr::AggregateFunction(AggregateFunction { func, params }) => {
             let name = func.name();
-            (name == HE_SUM || name == "count")
+            // SUM of an encrypted column is he_sum (see `udaf::builtin`).
+            (name == HE_SUM || name == "sum" || name == "count")
                 && !params.distinct
                 && params.order_by.is_empty()
                 && params
@@ -160,7 +215,7 @@ fn refuse_use(e: &Expr, encrypted: &HashSet<Column>, how: &str) -> Result<()> {
     match e.column_refs().into_iter().find(|c| encrypted.contains(*c)) {
         Some(col) => plan_err!(
             "{} is encrypted and cannot be {how} on the server; encrypted columns can only be \
-             selected, summed with he_sum(...) or counted",
+             selected, summed (SUM) or counted",
             col.name
         ),
         None => Ok(()),

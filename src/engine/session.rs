@@ -1,18 +1,24 @@
-//! A DataFusion session that knows hedf: `he_sum` registered, ciphertext misuse refused.
+//! A DataFusion session that knows hedf: `he_sum` registered (and behind `SUM` of an encrypted
+//! column), ciphertext misuse refused.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use datafusion::common::TableReference;
 use datafusion::datasource::TableProvider;
 use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::memory_pool::{
+    FairSpillPool, MemoryPool, TrackConsumersPool, UnboundedMemoryPool,
+};
 use datafusion::execution::object_store::{ObjectStoreRegistry, ObjectStoreUrl};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::{FunctionRegistry, SessionStateBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use object_store::ObjectStore;
 use url::Url;
 
-use crate::engine::guard::CiphertextGuard;
+use crate::engine::guard::{CiphertextGuard, OperatorGuard};
+use crate::udaf::builtin::encryption_aware_builtins;
 use crate::udaf::he_sum_udaf;
 
 /// Stack size of every runtime thread. Planning and evaluating deep expressions (a BI tool's
@@ -43,14 +49,44 @@ fn context(builder: SessionStateBuilder) -> SessionContext {
     let state = builder.with_default_features().build();
     // The guard runs first, so misuse of a ciphertext is reported as such rather than as a
     // type-coercion error about binary columns.
-    let mut rules = state.analyzer().rules.clone();
-    rules.insert(0, Arc::new(CiphertextGuard));
+    let mut analyzer_rules = state.analyzer().rules.clone();
+    analyzer_rules.insert(0, Arc::new(CiphertextGuard));
+    // This rule splits SUM(x) next to one COUNT(DISTINCT y) into SUM(SUM(x)); with SUM(enc)
+    // meaning he_sum, the outer SUM would be a sum of sums. It only saves a hash table for
+    // plaintext queries.
+    let optimizer_rules = state
+        .optimizers()
+        .iter()
+        .filter(|rule| rule.name() != "single_distinct_aggregation_to_group_by")
+        .cloned()
+        .collect();
+    let mut expr_planners = state.expr_planners().to_vec();
+    expr_planners.insert(0, Arc::new(OperatorGuard));
     let state = SessionStateBuilder::new_from_existing(state)
-        .with_analyzer_rules(rules)
+        .with_analyzer_rules(analyzer_rules)
+        .with_optimizer_rules(optimizer_rules)
+        .with_expr_planners(expr_planners)
         .build();
     let ctx = SessionContext::new_with_state(state);
-    ctx.register_udaf(he_sum_udaf());
+    let he_sum = Arc::new(he_sum_udaf());
+    ctx.register_udaf(he_sum.as_ref().clone());
+    for builtin in encryption_aware_builtins(|name| ctx.udaf(name).ok(), he_sum) {
+        ctx.register_udaf(builtin);
+    }
     ctx
+}
+
+/// The memory pool all queries of a process share, `limit` bytes or unbounded: DataFusion's
+/// fair spill pool (operators that can spill or emit early, such as aggregations, each get an
+/// equal share; the others take what is left), naming its largest users when it runs out.
+pub fn memory_pool(limit: Option<usize>) -> Arc<dyn MemoryPool> {
+    match limit {
+        Some(bytes) => Arc::new(TrackConsumersPool::new(
+            FairSpillPool::new(bytes),
+            NonZeroUsize::new(3).expect("non-zero"),
+        )),
+        None => Arc::new(UnboundedMemoryPool::default()),
+    }
 }
 
 /// Catalog and schema names a served tenant's tables live under (`hedf.public.<table>`).
@@ -69,12 +105,14 @@ pub fn tenant_context<'a>(
     tables: impl IntoIterator<Item = (&'a str, Arc<dyn TableProvider>)>,
     store: Arc<dyn ObjectStore>,
     target_partitions: usize,
+    memory_pool: Arc<dyn MemoryPool>,
 ) -> DfResult<SessionContext> {
     let config = SessionConfig::new()
         .with_default_catalog_and_schema(CATALOG, SCHEMA)
         .with_information_schema(false)
         .with_target_partitions(target_partitions);
     let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(memory_pool)
         .with_object_store_registry(Arc::new(OneStore {
             url: tenant_store_url(),
             store,

@@ -82,7 +82,7 @@ pub async fn plan(tenant: &Tenant, sql: &str) -> Result<Planned> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     };
     let store = tenant.store(read.iter().map(|(_, v)| v.as_ref()))?;
-    let ctx = tenant_context(providers, store, partitions)?;
+    let ctx = tenant_context(providers, store, partitions, tenant.memory_pool().clone())?;
     let plan = ctx.state().statement_to_plan(statement).await?;
     refuse_side_effects(&plan)?;
     Ok(Planned::Query {

@@ -21,8 +21,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::TableProvider;
+use datafusion::execution::memory_pool::MemoryPool;
 
-use crate::engine::session::tenant_store_url;
+use crate::engine::session::{memory_pool, tenant_store_url};
 use crate::error::{HedfError, Result};
 use crate::protocol::{IfExists, IngestMode, UploadOptions};
 use crate::table::{EncryptedTable, SegmentFile, SegmentStore, SegmentWriter, StorageLayout};
@@ -34,10 +35,13 @@ const MANIFEST_HEADER: &str = "hedf-manifest 2";
 pub struct Catalog {
     root: PathBuf,
     tenants: Mutex<HashMap<String, Arc<Tenant>>>,
+    memory_pool: Arc<dyn MemoryPool>,
 }
 
 impl Catalog {
-    pub fn open(root: &Path) -> Result<Self> {
+    /// The tables under `root`; queries over them draw on one memory pool of `memory_limit`
+    /// bytes (unbounded if `None`), shared by every tenant.
+    pub fn open(root: &Path, memory_limit: Option<usize>) -> Result<Self> {
         create_private_dir(root)?;
         let tenants = root.join("tenants");
         create_private_dir(&tenants)?;
@@ -46,6 +50,7 @@ impl Catalog {
         Ok(Catalog {
             root: root.to_path_buf(),
             tenants: Mutex::new(HashMap::new()),
+            memory_pool: memory_pool(memory_limit),
         })
     }
 
@@ -56,7 +61,8 @@ impl Catalog {
         if let Some(t) = tenants.get(user) {
             return Ok(t.clone());
         }
-        let tenant = Arc::new(Tenant::load(&self.root.join("tenants").join(user))?);
+        let dir = self.root.join("tenants").join(user);
+        let tenant = Arc::new(Tenant::load(&dir, self.memory_pool.clone())?);
         tenants.insert(user.to_string(), tenant.clone());
         Ok(tenant)
     }
@@ -159,10 +165,11 @@ pub struct Tenant {
     dir: PathBuf,
     tables: RwLock<Arc<Tables>>,
     commit: Mutex<()>,
+    memory_pool: Arc<dyn MemoryPool>,
 }
 
 impl Tenant {
-    fn load(dir: &Path) -> Result<Self> {
+    fn load(dir: &Path, memory_pool: Arc<dyn MemoryPool>) -> Result<Self> {
         create_private_dir(dir)?;
         set_mode(dir, 0o700)?;
         let mut tables = Tables::new();
@@ -171,14 +178,15 @@ impl Tenant {
             let text = std::fs::read_to_string(&manifest)?;
             let mut lines = text.lines();
             if lines.next() != Some(MANIFEST_HEADER) {
-                return Err(HedfError::Malformed(format!(
+                // The operator's problem, not the tenant's: the path goes to the log only.
+                return Err(HedfError::Internal(format!(
                     "{} is not a hedf manifest (expected {MANIFEST_HEADER:?})",
                     manifest.display()
                 )));
             }
             for line in lines.filter(|l| !l.is_empty()) {
                 let (name, segments) = parse_entry(dir, line).map_err(|why| {
-                    HedfError::Malformed(format!("{}: {why}: {line:?}", manifest.display()))
+                    HedfError::Internal(format!("{}: {why}: {line:?}", manifest.display()))
                 })?;
                 tables.insert(name.clone(), Arc::new(TableVersion::open(&name, segments)));
             }
@@ -191,6 +199,7 @@ impl Tenant {
             dir: dir.to_path_buf(),
             tables: RwLock::new(Arc::new(tables)),
             commit: Mutex::new(()),
+            memory_pool,
         };
         tenant.remove_leftovers();
         Ok(tenant)
@@ -225,6 +234,11 @@ impl Tenant {
         }
     }
 
+    /// The memory pool the tenant's queries draw on (shared with every other tenant).
+    pub fn memory_pool(&self) -> &Arc<dyn MemoryPool> {
+        &self.memory_pool
+    }
+
     /// The user whose tables these are.
     pub fn name(&self) -> &str {
         &self.name
@@ -248,7 +262,7 @@ impl Tenant {
         tables: impl IntoIterator<Item = &'a TableVersion>,
     ) -> Result<Arc<SegmentStore>> {
         let locations: Vec<_> = tables.into_iter().flat_map(|t| t.locations()).collect();
-        SegmentStore::new(&self.dir, locations).map_err(|e| HedfError::Io(std::io::Error::other(e)))
+        SegmentStore::new(&self.dir, locations).map_err(HedfError::internal)
     }
 
     /// Starts an upload into `name`: checks the mode and the uploaded schema now, so a bad
@@ -498,4 +512,33 @@ fn random_u64() -> Result<u64> {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).map_err(HedfError::internal)?;
     Ok(u64::from_le_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stray_entries_do_not_stop_a_tenant_from_loading() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("tenants").join("alice");
+        std::fs::create_dir_all(dir.join("x.parquet")).unwrap();
+        std::fs::create_dir_all(dir.join(".tmp-dir")).unwrap();
+        for file in ["orphan.parquet", ".tmpAbC", "notes.txt"] {
+            std::fs::write(dir.join(file), b"left over").unwrap();
+        }
+        let tenant = Catalog::open(root.path(), None)
+            .unwrap()
+            .tenant("alice")
+            .unwrap();
+        assert!(tenant.snapshot().is_empty());
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        // Uncommitted files are deleted; what hedf did not write is left alone.
+        assert_eq!(left, [".tmp-dir", "notes.txt", "x.parquet"]);
+    }
 }

@@ -6,6 +6,7 @@
 //! A group whose row count exceeds the column's budget is refused at evaluation.
 
 mod accumulator;
+pub mod builtin;
 
 use std::sync::Arc;
 
@@ -50,7 +51,11 @@ fn argument_marking(field: &Field) -> Result<ColumnMarking> {
     }
     match ColumnMarking::from_metadata(field.metadata())? {
         Some(marking) if marking.kind == ColumnKind::Cell => Ok(marking),
-        Some(_) => plan_err!("he_sum({}) is already a sum; he_sum takes an encrypted column", field.name()),
+        Some(_) => plan_err!(
+            "{} is already a sum: SUM and he_sum take an encrypted column; sums of sums are \
+             computed on the client after decrypting",
+            field.name()
+        ),
         None => plan_err!(
             "he_sum({0}): {0} is a plaintext {1} column; he_sum sums encrypted columns (use SUM for plaintext)",
             field.name(),

@@ -111,7 +111,7 @@ impl Session {
             result = &mut task => result.map_err(HedfError::internal)??,
             _ = tokio::signal::ctrl_c() => {
                 task.abort();
-                return Err(HedfError::Cancelled);
+                return Err(HedfError::Cancelled("query cancelled"));
             }
         };
         let elapsed = started.elapsed();

@@ -55,7 +55,7 @@ pub async fn ingest(
         .unwrap_or_else(|_| Err(malformed_upload()))?;
         match commit_rx.blocking_recv() {
             Ok(()) => upload.commit(),
-            Err(_) => Err(HedfError::Cancelled),
+            Err(_) => Err(HedfError::Cancelled(UPLOAD_CANCELLED)),
         }
     });
     let received: Result<()> = async {
@@ -76,7 +76,8 @@ pub async fn ingest(
     // NO_ERROR as a clean end of the body; it also drops a handler whose stream was reset
     // while the handler waits, so wait once before deciding.
     tokio::task::yield_now().await;
-    let completed = end.as_ref().is_none_or(|end| end.completed());
+    // Without the tracking layer (see `serve`) nothing says the body completed: never commit.
+    let completed = end.as_ref().is_some_and(|end| end.completed());
     if received.is_ok() && completed {
         let _ = commit_tx.send(());
     } else {
@@ -85,13 +86,13 @@ pub async fn ingest(
     let written = writer.await.map_err(HedfError::internal);
     received?;
     if !completed {
-        return Err(HedfError::Invalid(
-            "the upload was cancelled before the client completed it; the table is unchanged"
-                .into(),
-        ));
+        return Err(HedfError::Cancelled(UPLOAD_CANCELLED));
     }
     Ok(written?? as i64)
 }
+
+const UPLOAD_CANCELLED: &str =
+    "upload cancelled before the client completed it; the table is unchanged";
 
 /// What an ingest command asks for: its mode and options. Temporary tables, transactions and
 /// other catalogs are refused.
@@ -264,7 +265,7 @@ fn flight_to_hedf(e: FlightError) -> HedfError {
     match e {
         FlightError::Tonic(status) => match status.code() {
             tonic::Code::ResourceExhausted => HedfError::TooLarge(status.message().to_string()),
-            tonic::Code::Cancelled => HedfError::Cancelled,
+            tonic::Code::Cancelled => HedfError::Cancelled(UPLOAD_CANCELLED),
             _ => HedfError::Invalid(format!("upload interrupted: {}", status.message())),
         },
         FlightError::Arrow(e) => HedfError::Invalid(format!("malformed Arrow data: {e}")),

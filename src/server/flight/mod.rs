@@ -63,6 +63,8 @@ pub struct ServerConfig {
     pub users: Option<Users>,
     /// Largest upload accepted, in bytes of Arrow IPC data.
     pub max_upload_bytes: u64,
+    /// Memory all queries together may hold, in bytes; `None`: no limit.
+    pub memory_limit: Option<usize>,
 }
 
 /// The Flight SQL service over a [`Catalog`].
@@ -77,9 +79,10 @@ type FlightDataStream =
     Pin<Box<dyn Stream<Item = std::result::Result<arrow_flight::FlightData, Status>> + Send>>;
 
 impl HedfFlightService {
-    pub fn new(config: ServerConfig) -> Result<Self> {
+    /// Only `serve` builds one: ingest commits only with `serve`'s `TrackStreamEnd` layer.
+    fn new(config: ServerConfig) -> Result<Self> {
         Ok(HedfFlightService {
-            catalog: Catalog::open(&config.data_dir)?,
+            catalog: Catalog::open(&config.data_dir, config.memory_limit)?,
             users: config.users,
             tokens: Tokens::default(),
             max_upload_bytes: config.max_upload_bytes,

@@ -145,15 +145,20 @@ impl Remote {
             .with_flight_descriptor(Some(descriptor))
             .build(batches.map_err(|e| FlightError::ExternalError(Box::new(e))));
         let (mut sender, receiver) = futures::channel::mpsc::channel::<FlightData>(2);
+        // The source's own error is the answer when it fails, not the server's CANCELLED for
+        // the abort that follows (which of the two arrives first is a race).
+        let source_error = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let feed_error = source_error.clone();
         let feed = async move {
             while let Some(data) = encoded.next().await {
                 let data = match data {
                     Ok(data) => data,
                     Err(e) => {
+                        *feed_error.lock().expect("source error") = Some(flight_error(e));
                         // Ending the stream would look like a complete upload: say it is not.
                         let abort = FlightData::new().with_app_metadata(ABORT_UPLOAD);
                         let _ = sender.send(abort).await;
-                        return Err(flight_error(e));
+                        return Err(HedfError::Cancelled("upload aborted"));
                     }
                 };
                 if sender.send(data).await.is_err() {
@@ -173,7 +178,11 @@ impl Remote {
                 DoPutUpdateResult::decode(result.app_metadata).map_err(HedfError::internal)?;
             Ok::<_, HedfError>(result.record_count)
         };
-        let (rows, ()) = futures::try_join!(call, feed)?;
+        let outcome = futures::try_join!(call, feed);
+        if let Some(e) = source_error.lock().expect("source error").take() {
+            return Err(e);
+        }
+        let (rows, ()) = outcome?;
         Ok(rows)
     }
 

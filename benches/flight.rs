@@ -18,7 +18,7 @@ use hedf::cli::remote::Remote;
 use hedf::crypto::client::{decrypt_batch, encrypt_batches, MeasureColumn};
 use hedf::crypto::keys::ClientKey;
 use hedf::protocol::{IngestMode, UploadOptions};
-use hedf::server::flight::ServerConfig;
+use hedf::server::flight::{Limits, ServerConfig};
 use population::{aggregation_sql, population, YEARS};
 
 const RUNS: usize = 50;
@@ -92,6 +92,7 @@ async fn main() {
         users: None,
         max_upload_bytes: u64::MAX,
         memory_limit: None,
+        limits: Limits::default(),
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(hedf::server::flight::serve(

@@ -50,6 +50,12 @@ pub enum HedfError {
     Unauthenticated(String),
     #[error("upload too large: {0}")]
     TooLarge(String),
+    /// A limit on how often or how much a caller may ask (failed logins, concurrent queries).
+    #[error("{0}")]
+    Throttled(String),
+    /// A query ran past the server's time limit and was stopped.
+    #[error("{0}")]
+    TimedOut(String),
     /// A server's refusal, with the kind it sent.
     #[error("{}{message}", remote_prefix(*kind))]
     Remote { kind: ErrorKind, message: String },
@@ -102,6 +108,8 @@ pub enum ErrorKind {
     InvalidArgument,
     Unauthenticated,
     ResourceExhausted,
+    /// A time limit passed.
+    DeadlineExceeded,
     /// Stored data was lost or damaged.
     DataLoss,
     Cancelled,
@@ -111,12 +119,13 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 9] = [
+    const ALL: [ErrorKind; 10] = [
         ErrorKind::NotFound,
         ErrorKind::AlreadyExists,
         ErrorKind::InvalidArgument,
         ErrorKind::Unauthenticated,
         ErrorKind::ResourceExhausted,
+        ErrorKind::DeadlineExceeded,
         ErrorKind::DataLoss,
         ErrorKind::Cancelled,
         ErrorKind::Unavailable,
@@ -130,6 +139,7 @@ impl ErrorKind {
             ErrorKind::InvalidArgument => "invalid-argument",
             ErrorKind::Unauthenticated => "unauthenticated",
             ErrorKind::ResourceExhausted => "resource-exhausted",
+            ErrorKind::DeadlineExceeded => "deadline-exceeded",
             ErrorKind::DataLoss => "data-loss",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Unavailable => "unavailable",
@@ -165,7 +175,8 @@ impl HedfError {
             TableExists(_) => ErrorKind::AlreadyExists,
             Damaged { .. } => ErrorKind::DataLoss,
             Unauthenticated(_) => ErrorKind::Unauthenticated,
-            TooLarge(_) => ErrorKind::ResourceExhausted,
+            TooLarge(_) | Throttled(_) => ErrorKind::ResourceExhausted,
+            TimedOut(_) => ErrorKind::DeadlineExceeded,
             Remote { kind, .. } => *kind,
             Unavailable(_) => ErrorKind::Unavailable,
             Cancelled(_) => ErrorKind::Cancelled,

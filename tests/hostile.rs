@@ -315,12 +315,11 @@ async fn flight_client(url: &str) -> FlightServiceClient<tonic::transport::Chann
     FlightServiceClient::new(channel)
 }
 
-/// A raw arrow-flight client logged in as `login` (its bearer token in `token`).
-async fn raw_client(
-    url: &str,
+/// One handshake as `login` on `client`: the bearer token, or the server's refusal.
+async fn try_login(
+    client: &mut FlightServiceClient<tonic::transport::Channel>,
     login: (&str, &str),
-) -> (FlightServiceClient<tonic::transport::Channel>, String) {
-    let mut client = flight_client(url).await;
+) -> Result<String, tonic::Status> {
     let basic = base64::Engine::encode(
         &base64::engine::general_purpose::STANDARD,
         format!("{}:{}", login.0, login.1),
@@ -329,14 +328,23 @@ async fn raw_client(
     request
         .metadata_mut()
         .insert("authorization", format!("Basic {basic}").parse().unwrap());
-    let response = client.handshake(request).await.unwrap();
-    let token = response
+    let response = client.handshake(request).await?;
+    Ok(response
         .metadata()
         .get("authorization")
         .unwrap()
         .to_str()
         .unwrap()
-        .to_string();
+        .to_string())
+}
+
+/// A raw arrow-flight client logged in as `login` (its bearer token in `token`).
+async fn raw_client(
+    url: &str,
+    login: (&str, &str),
+) -> (FlightServiceClient<tonic::transport::Channel>, String) {
+    let mut client = flight_client(url).await;
+    let token = try_login(&mut client, login).await.unwrap();
     (client, token)
 }
 
@@ -501,6 +509,88 @@ async fn basic_credentials_log_in_padded_or_not_at_every_length() {
         let e = client.handshake(request).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
     }
+}
+
+/// A password guesser got about 37 tries a second for one user with no backoff, and its Argon2
+/// work ran on the async workers every query needs. Failed logins now earn doubling waits per
+/// user name and per peer, refused without Argon2, while a logged-in tenant keeps working.
+#[tokio::test(flavor = "multi_thread")]
+async fn password_guessing_is_slowed_and_others_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let mut bob = connect(&server, BOB).await;
+
+    let guessing = Duration::from_secs(4);
+    let guessers: Vec<_> = (0..4)
+        .map(|i| {
+            let url = server.url.clone();
+            tokio::spawn(async move {
+                let mut client = flight_client(&url).await;
+                let until = std::time::Instant::now() + guessing;
+                let mut refusals = Vec::new();
+                while std::time::Instant::now() < until {
+                    let guess = format!("guess-{i}-{}", refusals.len());
+                    let status = try_login(&mut client, ("alice", &guess)).await.unwrap_err();
+                    refusals.push((status.code(), status.message().to_string()));
+                }
+                refusals
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    while !guessers.iter().all(|g| g.is_finished()) {
+        let (_, batches) = bob.query("SELECT 41 + 1").await.unwrap();
+        assert_eq!(
+            batches[0].column(0).as_primitive::<Int64Type>().value(0),
+            42
+        );
+        answered += 1;
+    }
+    let refusals: Vec<_> = futures::future::join_all(guessers)
+        .await
+        .into_iter()
+        .flat_map(|r| r.unwrap())
+        .collect();
+    let checked = refusals
+        .iter()
+        .filter(|(code, _)| *code == tonic::Code::Unauthenticated)
+        .count();
+    let throttled: Vec<_> = refusals
+        .iter()
+        .filter(|(code, _)| *code == tonic::Code::ResourceExhausted)
+        .collect();
+    assert_eq!(checked + throttled.len(), refusals.len(), "{refusals:?}");
+    // Five free guesses (a few more were already being checked when the fifth failed), then
+    // one after each doubling wait: about 7 in 4 s.
+    assert!(
+        (5..=12).contains(&checked),
+        "{checked} guesses were checked"
+    );
+    assert!(throttled.len() > 100, "{} refused", throttled.len());
+    assert!(throttled[0].1.contains("too many failed logins; retry in"));
+    assert!(answered > 0);
+
+    // Alice's own password waits too (her tokens issued before stay valid); bob, from the same
+    // address, logs in.
+    let mut client = flight_client(&server.url).await;
+    let e = try_login(&mut client, ALICE).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    try_login(&mut client, BOB).await.unwrap();
+
+    // Spraying names from one address: the address's 20 free failures run out.
+    let mut sprayed = 0;
+    let e = loop {
+        sprayed += 1;
+        assert!(sprayed <= 20, "no backoff after {sprayed} names");
+        let name = format!("nobody-{sprayed}");
+        match try_login(&mut client, (&name, "guess")).await {
+            Err(e) if e.code() == tonic::Code::Unauthenticated => continue,
+            other => break other.unwrap_err(),
+        }
+    };
+    assert!(sprayed > 1, "{e:?}");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(bob.query("SELECT 1").await.is_ok());
 }
 
 /// A segment deleted under the server gave silent zeros, NULLs or half sums, and after a

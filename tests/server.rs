@@ -22,6 +22,7 @@ use hedf::crypto::client::{decrypt_batch, encrypt_batches};
 use hedf::crypto::keys::ClientKey;
 use hedf::protocol::{IngestMode, UploadOptions};
 use hedf::HedfError;
+use tonic::transport::Channel;
 
 const ALICE: (&str, &str) = ("alice", "alice-secret");
 const BOB: (&str, &str) = ("bob", "bob-secret");
@@ -51,6 +52,18 @@ impl Server {
 
     async fn connect(&self, login: (&str, &str)) -> Remote {
         Remote::connect(&self.url, Some(login)).await.unwrap()
+    }
+
+    /// arrow-flight's own Flight SQL client, logged in as `login`.
+    async fn flight_sql(&self, login: (&str, &str)) -> FlightSqlServiceClient<Channel> {
+        let channel = tonic::transport::Endpoint::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = FlightSqlServiceClient::new(channel);
+        client.handshake(login.0, login.1).await.unwrap();
+        client
     }
 }
 
@@ -164,13 +177,7 @@ async fn queries_downloads_and_prepared_statements_are_exact() {
     assert_eq!(values(&got, 3), values(&want, 3));
 
     // The prepared-statement route (what ADBC drivers use).
-    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = FlightSqlServiceClient::new(channel);
-    client.handshake(ALICE.0, ALICE.1).await.unwrap();
+    let mut client = server.flight_sql(ALICE).await;
     let sql = aggregation_sql("population", "AGE GROUP", "he_sum").unwrap();
     let mut prepared = client.prepare(sql.clone(), None).await.unwrap();
     let sums_schema = prepared.dataset_schema().unwrap().clone();
@@ -370,13 +377,7 @@ async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
     assert_eq!(code(&e), "ResourceExhausted", "{e}");
 
     // Unsupported RPCs say so, so clients can fall back.
-    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = FlightSqlServiceClient::new(channel);
-    client.handshake(ALICE.0, ALICE.1).await.unwrap();
+    let mut client = server.flight_sql(ALICE).await;
     let e = client
         .get_primary_keys(CommandGetPrimaryKeys {
             table: "population".into(),
@@ -687,4 +688,134 @@ async fn a_query_over_the_memory_limit_fails_alone() {
         values(&[total], 0),
         vec![vec![Some(cents.iter().sum::<i128>())]]
     );
+}
+
+/// A query runs at most `--query-timeout` (DEADLINE_EXCEEDED, its work dropped), and a tenant
+/// runs at most `--max-queries-per-user` at once: more wait in a short queue, a full queue is
+/// refused at once (RESOURCE_EXHAUSTED), and other tenants are not held up.
+#[tokio::test(flavor = "multi_thread")]
+async fn queries_are_limited_in_time_and_number() {
+    const ENDLESS: &str = "WITH RECURSIVE r AS (SELECT 1 AS n UNION ALL SELECT n + 1 FROM r) \
+                           SELECT count(*) FROM r";
+    let one = |batches: &[RecordBatch]| {
+        batches[0]
+            .column(0)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .value(0)
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--query-timeout", "2"]);
+    let mut alice = server.connect(ALICE).await;
+    let started = Instant::now();
+    let e = alice.query(ENDLESS).await.unwrap_err();
+    assert_eq!(e.kind(), hedf::ErrorKind::DeadlineExceeded, "{e}");
+    assert!(e.to_string().contains("time limit of 2 s"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(one(&alice.query("SELECT 1").await.unwrap().1), 1);
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--max-queries-per-user", "1"]);
+    let mut alice = server.connect(ALICE).await;
+    let mut bob = server.connect(BOB).await;
+    // An endless query whose answer nobody reads holds alice's one slot.
+    let mut client = server.flight_sql(ALICE).await;
+    let info = client.execute(ENDLESS.into(), None).await.unwrap();
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    let held = client.do_get(ticket).await.unwrap();
+
+    assert_eq!(one(&bob.query("SELECT 1").await.unwrap().1), 1);
+    let mut queued = Vec::new();
+    for _ in 0..4 {
+        let mut remote = server.connect(ALICE).await;
+        queued.push(tokio::spawn(async move { remote.query("SELECT 2").await }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let e = alice.query("SELECT 3").await.unwrap_err();
+    assert_eq!(e.kind(), hedf::ErrorKind::ResourceExhausted, "{e}");
+    assert!(e.to_string().contains("queue is full"), "{e}");
+    assert!(queued.iter().all(|q| !q.is_finished()));
+
+    // Cancelling the endless query frees the slot: the queued queries run.
+    drop(held);
+    for q in queued {
+        assert_eq!(one(&q.await.unwrap().unwrap().1), 2);
+    }
+}
+
+/// `kill -HUP` reloads the users file: a removed user is refused at once, tokens included; a
+/// new user can log in; a file that does not load keeps the users as they were.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_users_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("users");
+    let line = |(name, password): (&str, &str)| {
+        format!(
+            "{name}:{}\n",
+            hedf::server::flight::auth::hash_password(password).unwrap()
+        )
+    };
+    // Bob's line stays as it is: a new hash (even of the same password) would end his tokens.
+    let bob_line = line(BOB);
+    std::fs::write(&file, line(ALICE) + &bob_line).unwrap();
+    let data = dir.path().join("data");
+    let server = common::Server::start(&data, &["--users-file", file.to_str().unwrap()]);
+    let mut alice = Remote::connect(&server.url, Some(ALICE)).await.unwrap();
+    let mut bob = Remote::connect(&server.url, Some(BOB)).await.unwrap();
+    assert!(alice.query("SELECT 1").await.is_ok());
+    let carol = ("carol", "carol-secret");
+    assert!(Remote::connect(&server.url, Some(carol)).await.is_err());
+
+    let hangup = |server: &common::Server| {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &server.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    // Within a second of the signal, alice's token is refused and carol can log in.
+    let carol_line = line(carol);
+    std::fs::write(&file, bob_line.clone() + &carol_line).unwrap();
+    hangup(&server);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        match alice.query("SELECT 1").await {
+            Ok(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Ok(_) => panic!("alice's token still works after the reload"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(e.kind(), hedf::ErrorKind::Unauthenticated, "{e}");
+    let e = Remote::connect(&server.url, Some(ALICE))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind(), hedf::ErrorKind::Unauthenticated, "{e}");
+    assert!(bob.query("SELECT 1").await.is_ok());
+    let mut carol_remote = Remote::connect(&server.url, Some(carol)).await.unwrap();
+
+    // Bob's new password ends his tokens.
+    std::fs::write(&file, line((BOB.0, "bob-new")) + &carol_line).unwrap();
+    hangup(&server);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bob.query("SELECT 1").await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "bob's token outlived his password"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut bob = Remote::connect(&server.url, Some((BOB.0, "bob-new")))
+        .await
+        .unwrap();
+
+    // A broken file is not loaded: everyone who could log in still can.
+    std::fs::write(&file, "carol has no hash\n").unwrap();
+    hangup(&server);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(carol_remote.query("SELECT 1").await.is_ok());
+    assert!(bob.query("SELECT 1").await.is_ok());
+    assert!(Remote::connect(&server.url, Some(carol)).await.is_ok());
 }

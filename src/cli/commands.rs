@@ -4,6 +4,7 @@
 use std::io::{IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -17,8 +18,8 @@ use crate::crypto::keys::ClientKey;
 use crate::error::{HedfError, Result};
 use crate::protocol::{IngestMode, UploadOptions};
 use crate::server::catalog::plaintext_warnings;
-use crate::server::flight::auth::{hash_password, Users};
-use crate::server::flight::ServerConfig;
+use crate::server::flight::auth::{hash_password, Directory, Users};
+use crate::server::flight::{Limits, ServerConfig};
 use crate::table::files;
 
 #[derive(Parser)]
@@ -143,6 +144,15 @@ enum Command {
         /// Default: 1/4 of the machine's memory.
         #[arg(long, value_parser = parse_memory_limit)]
         memory_limit: Option<MemoryLimit>,
+        /// A query still running after this many seconds is stopped (DEADLINE_EXCEEDED).
+        #[arg(long, default_value_t = 300.0, value_parser = parse_seconds)]
+        query_timeout: f64,
+        /// Queries running at once; more wait in a short queue, then get RESOURCE_EXHAUSTED.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+        max_concurrent_queries: u32,
+        /// Queries one user may run at once (queued like --max-concurrent-queries).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+        max_queries_per_user: u32,
     },
     /// Talk to a running server.
     Client {
@@ -326,12 +336,20 @@ pub async fn run(cli: Cli) -> Result<()> {
             insecure_no_auth,
             max_upload_bytes,
             memory_limit,
+            query_timeout,
+            max_concurrent_queries,
+            max_queries_per_user,
         } => {
             let config = ServerConfig {
                 data_dir: data_dir.unwrap_or_else(default_data_dir),
                 users: None,
                 max_upload_bytes,
                 memory_limit: memory_limit.unwrap_or_default().0,
+                limits: Limits {
+                    query_timeout: Duration::from_secs_f64(query_timeout),
+                    max_queries: max_concurrent_queries as usize,
+                    max_queries_per_tenant: max_queries_per_user as usize,
+                },
             };
             serve(
                 config,
@@ -512,16 +530,18 @@ async fn serve(
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let mut users = match users_file {
-        Some(path) => Users::load(path)?,
-        None => Users::default(),
-    };
+    let mut flag_users = Users::default();
     for spec in user_args {
         let (name, password) = spec.split_once(':').ok_or_else(|| {
             HedfError::Invalid(format!("--user {spec:?}: expected NAME:PASSWORD"))
         })?;
-        users.add(name, password)?;
+        flag_users.add(name, password)?;
     }
+    let mut users = match users_file {
+        Some(path) => Users::load(path)?,
+        None => Users::default(),
+    };
+    users.merge(&flag_users);
     config.users = match (insecure_no_auth, users.is_empty()) {
         (true, true) => {
             tracing::warn!(
@@ -542,7 +562,14 @@ async fn serve(
                     .into(),
             ))
         }
-        (false, false) => Some(users),
+        (false, false) => {
+            let directory = Arc::new(Directory::new(users));
+            #[cfg(unix)]
+            if let Some(path) = users_file {
+                reload_users_on_hangup(directory.clone(), path.to_path_buf(), flag_users)?;
+            }
+            Some(directory)
+        }
     };
     if let Some(limit) = config.memory_limit {
         tracing::info!(bytes = limit, "query memory limit");
@@ -564,6 +591,39 @@ async fn serve(
         shutdown,
     )
     .await
+}
+
+/// Re-reads the users file on SIGHUP (`--user` flags stay): new users can log in, removed ones
+/// are refused, their tokens too. A file that does not load leaves the previous users.
+#[cfg(unix)]
+fn reload_users_on_hangup(
+    directory: Arc<Directory>,
+    path: PathBuf,
+    flag_users: Users,
+) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let loaded = Users::load(&path).and_then(|mut users| {
+                users.merge(&flag_users);
+                if users.is_empty() {
+                    return Err(HedfError::Invalid("it names no users".into()));
+                }
+                Ok(users)
+            });
+            match loaded {
+                Ok(users) => {
+                    tracing::info!(users = users.len(), "reloaded the users file");
+                    directory.replace(users);
+                }
+                Err(e) => {
+                    tracing::warn!("users file not reloaded, the previous users stay: {e}")
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 async fn client_demo(server: &ServerArgs) -> Result<()> {
@@ -635,9 +695,27 @@ fn parse_memory_limit(text: &str) -> std::result::Result<MemoryLimit, String> {
     Ok(MemoryLimit(Some(bytes)))
 }
 
+/// `--query-timeout`: positive seconds, fractions allowed, at most a day.
+fn parse_seconds(text: &str) -> std::result::Result<f64, String> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0 && *s <= 86_400.0)
+        .ok_or_else(|| format!("{text:?} is not a number of seconds between 0 and 86400"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_timeouts_are_positive_seconds() {
+        assert_eq!(parse_seconds("300"), Ok(300.0));
+        assert_eq!(parse_seconds("0.5"), Ok(0.5));
+        for bad in ["0", "-1", "NaN", "inf", "1e9", "5m", ""] {
+            assert!(parse_seconds(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
 
     #[test]
     fn memory_limits_parse_with_binary_units() {

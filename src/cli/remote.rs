@@ -256,7 +256,8 @@ fn status_error(status: tonic::Status) -> HedfError {
         Code::Unauthenticated | Code::PermissionDenied => ErrorKind::Unauthenticated,
         Code::ResourceExhausted => ErrorKind::ResourceExhausted,
         Code::DataLoss => ErrorKind::DataLoss,
-        Code::Cancelled | Code::DeadlineExceeded => ErrorKind::Cancelled,
+        Code::Cancelled => ErrorKind::Cancelled,
+        Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
         Code::Unavailable => ErrorKind::Unavailable,
         _ => ErrorKind::Internal,
     });

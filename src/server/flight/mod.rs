@@ -8,11 +8,13 @@ pub mod auth;
 mod ingest;
 mod status;
 mod stream_end;
+mod throttle;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::ipc::writer::IpcWriteOptions;
@@ -38,6 +40,7 @@ use base64::Engine;
 use datafusion::execution::SendableRecordBatchStream;
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
+use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
@@ -47,32 +50,71 @@ use crate::engine::session::{CATALOG, SCHEMA};
 use crate::engine::statement::{plan, Planned};
 use crate::error::{ErrorKind, HedfError, Result};
 use crate::protocol::{ANONYMOUS, MAX_MESSAGE_BYTES, WINDOW_BYTES};
+use crate::server::admission::{Admitted, Gate, QueryAdmission};
 use crate::server::catalog::{Catalog, Tenant};
-use auth::{Tokens, Users};
+use auth::{Directory, Tokens, MAX_USER_NAME_BYTES};
 use status::status;
 pub use status::to_status;
 use stream_end::TrackStreamEnd;
+use throttle::LoginThrottle;
 
 /// Result batches are cut into Flight messages of about this size.
 const FLIGHT_DATA_BYTES: usize = 4 << 20;
+/// Concurrent calls on one connection: a client needs a few, an attacker's thousands would be
+/// free to open on one socket.
+const STREAMS_PER_CONNECTION: u32 = 64;
+/// Request headers (a bearer token, a Basic header, gRPC's own) fit easily in this.
+const HEADER_BYTES: u32 = 16 << 10;
+/// Dead peers are found by HTTP/2 pings and TCP keepalive instead of holding their streams.
+const KEEPALIVE: Duration = Duration::from_secs(60);
+const KEEPALIVE_ACK: Duration = Duration::from_secs(20);
+/// Logins waiting for an Argon2 worker, and for how long, before they are refused as too many.
+const LOGIN_QUEUE: usize = 256;
+const LOGIN_QUEUE_WAIT: Duration = Duration::from_secs(10);
 
 /// How a server runs.
 pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// `None` turns authentication off (local demos only).
-    pub users: Option<Users>,
+    pub users: Option<Arc<Directory>>,
     /// Largest upload accepted, in bytes of Arrow IPC data.
     pub max_upload_bytes: u64,
     /// Memory all queries together may hold, in bytes; `None`: no limit.
     pub memory_limit: Option<usize>,
+    pub limits: Limits,
+}
+
+/// How much one query, one tenant and everyone together may ask at once.
+pub struct Limits {
+    /// A query (planning, queueing and streaming its answer) is stopped after this long.
+    pub query_timeout: Duration,
+    /// Queries running at once, in all and per tenant; more wait in a short queue.
+    pub max_queries: usize,
+    pub max_queries_per_tenant: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            query_timeout: Duration::from_secs(300),
+            max_queries: 16,
+            max_queries_per_tenant: 4,
+        }
+    }
 }
 
 /// The Flight SQL service over a [`Catalog`].
 pub struct HedfFlightService {
     catalog: Catalog,
-    users: Option<Users>,
+    users: Option<Arc<Directory>>,
     tokens: Tokens,
     max_upload_bytes: u64,
+    query_timeout: Duration,
+    queries: QueryAdmission,
+    logins: LoginThrottle,
+    /// Argon2 runs on blocking threads, at most half the cores at once: a login flood must
+    /// not take the async workers every query runs on.
+    argon2: Gate,
 }
 
 type FlightDataStream =
@@ -81,12 +123,65 @@ type FlightDataStream =
 impl HedfFlightService {
     /// Only `serve` builds one: ingest commits only with `serve`'s `TrackStreamEnd` layer.
     fn new(config: ServerConfig) -> Result<Self> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let limits = config.limits;
         Ok(HedfFlightService {
             catalog: Catalog::open(&config.data_dir, config.memory_limit)?,
             users: config.users,
             tokens: Tokens::default(),
             max_upload_bytes: config.max_upload_bytes,
+            query_timeout: limits.query_timeout,
+            queries: QueryAdmission::new(limits.max_queries, limits.max_queries_per_tenant),
+            logins: LoginThrottle::default(),
+            argon2: Gate::new("logins", cores / 2, LOGIN_QUEUE),
         })
+    }
+
+    /// Runs `work` (planning, or a DROP) as one admitted query within the time limit.
+    async fn limited<T>(
+        &self,
+        tenant: &Tenant,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + self.query_timeout;
+        let _admitted = self.queries.admit(tenant.name(), deadline).await?;
+        tokio::time::timeout_at(deadline, work)
+            .await
+            .map_err(|_| timed_out(self.query_timeout))?
+    }
+
+    /// Checks a login's password unless the caller must wait first; Argon2 runs off the async
+    /// workers.
+    async fn verify_login(
+        &self,
+        users: &Directory,
+        user: &str,
+        password: &str,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<bool> {
+        let attempt = self
+            .logins
+            .attempt(user, peer, std::time::Instant::now())
+            .map_err(|wait| {
+                HedfError::Throttled(format!(
+                    "too many failed logins; retry in {} s",
+                    wait.as_secs_f64().ceil()
+                ))
+            })?;
+        let permit = self.argon2.enter(Instant::now() + LOGIN_QUEUE_WAIT).await?;
+        let (users, name, password) = (users.current(), user.to_string(), password.to_string());
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            users.verify(&name, &password)
+        })
+        .await
+        .map_err(HedfError::internal)?;
+        if ok {
+            attempt.succeeded();
+        } else {
+            attempt.failed(std::time::Instant::now());
+        }
+        Ok(ok)
     }
 
     /// The caller's tenant, from the bearer token the handshake issued.
@@ -94,7 +189,7 @@ impl HedfFlightService {
     fn tenant<T>(&self, request: &Request<T>) -> std::result::Result<Arc<Tenant>, Status> {
         let user = match &self.users {
             None => ANONYMOUS.to_string(),
-            Some(_) => {
+            Some(users) => {
                 let header = request
                     .metadata()
                     .get("authorization")
@@ -107,7 +202,7 @@ impl HedfFlightService {
                     )
                 })?;
                 self.tokens
-                    .user(token)
+                    .user(token, &users.current())
                     .ok_or_else(|| status(ErrorKind::Unauthenticated, "invalid or expired token"))?
             }
         };
@@ -122,14 +217,21 @@ impl HedfFlightService {
         sql: &str,
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo> {
-        let schema = match plan(tenant, sql).await? {
-            Planned::Query { plan, .. } => plan.schema().as_arrow().clone(),
-            Planned::DropTable { name, if_exists } => {
-                tenant.drop_table(&name, if_exists)?;
-                return Ok(FlightInfo::new()
-                    .try_with_schema(&Schema::empty())?
-                    .with_descriptor(descriptor));
-            }
+        let schema = self
+            .limited(tenant, async {
+                Ok(match plan(tenant, sql).await? {
+                    Planned::Query { plan, .. } => Some(plan.schema().as_arrow().clone()),
+                    Planned::DropTable { name, if_exists } => {
+                        tenant.drop_table(&name, if_exists)?;
+                        None
+                    }
+                })
+            })
+            .await?;
+        let Some(schema) = schema else {
+            return Ok(FlightInfo::new()
+                .try_with_schema(&Schema::empty())?
+                .with_descriptor(descriptor));
         };
         let ticket = TicketStatementQuery {
             statement_handle: sql.as_bytes().to_vec().into(),
@@ -142,37 +244,54 @@ impl HedfFlightService {
             .with_descriptor(descriptor))
     }
 
-    /// Runs a statement for DoGet: its result batches, ciphertext columns untouched.
+    /// Runs a statement for DoGet: its result batches, ciphertext columns untouched. The
+    /// query's admission and time limit last until its last batch is sent.
     async fn statement_stream(&self, tenant: &Tenant, sql: &str) -> Result<FlightDataStream> {
-        let Planned::Query { ctx, plan, tables } = plan(tenant, sql).await? else {
-            return Err(HedfError::Invalid(
-                "this statement returns no rows; run it with executeUpdate".into(),
-            ));
+        let deadline = Instant::now() + self.query_timeout;
+        let admitted = self.queries.admit(tenant.name(), deadline).await?;
+        let start = async {
+            let Planned::Query { ctx, plan, tables } = plan(tenant, sql).await? else {
+                return Err(HedfError::Invalid(
+                    "this statement returns no rows; run it with executeUpdate".into(),
+                ));
+            };
+            let stream: SendableRecordBatchStream = ctx
+                .execute_logical_plan(plan)
+                .await?
+                .execute_stream()
+                .await?;
+            Ok((stream, tables))
         };
-        let stream: SendableRecordBatchStream = ctx
-            .execute_logical_plan(plan)
-            .await?
-            .execute_stream()
-            .await?;
+        let (stream, tables) = tokio::time::timeout_at(deadline, start)
+            .await
+            .map_err(|_| timed_out(self.query_timeout))??;
         let schema = stream.schema();
         // The snapshot travels with the stream: the files it reads stay until it is done.
         let batches = stream.map(move |batch| {
             let _files = &tables;
             batch.map_err(|e| FlightError::Tonic(Box::new(to_status(HedfError::from(e)))))
         });
-        Ok(encode(schema, batches))
+        Ok(until_deadline(
+            encode(schema, batches),
+            deadline,
+            self.query_timeout,
+            admitted,
+        ))
     }
 
     async fn update(&self, tenant: &Tenant, sql: &str) -> Result<i64> {
-        match plan(tenant, sql).await? {
-            Planned::DropTable { name, if_exists } => {
-                tenant.drop_table(&name, if_exists)?;
-                Ok(0)
+        self.limited(tenant, async {
+            match plan(tenant, sql).await? {
+                Planned::DropTable { name, if_exists } => {
+                    tenant.drop_table(&name, if_exists)?;
+                    Ok(0)
+                }
+                Planned::Query { .. } => Err(HedfError::Invalid(
+                    "a query returns rows; run it with execute, not executeUpdate".into(),
+                )),
             }
-            Planned::Query { .. } => Err(HedfError::Invalid(
-                "a query returns rows; run it with execute, not executeUpdate".into(),
-            )),
-        }
+        })
+        .await
     }
 
     /// FlightInfo for a metadata call, for an authenticated caller: its ticket is the command.
@@ -222,10 +341,16 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(WINDOW_BYTES))
         .initial_connection_window_size(Some(2 * WINDOW_BYTES))
+        .max_concurrent_streams(Some(STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(HEADER_BYTES))
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE_ACK))
         .layer(TrackStreamEnd)
         .add_service(server)
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(KEEPALIVE)),
             shutdown,
         )
         .await
@@ -248,6 +373,68 @@ fn encode(
             .build(batches)
             .map_err(Status::from),
     )
+}
+
+fn timed_out(limit: Duration) -> HedfError {
+    HedfError::TimedOut(format!(
+        "query stopped after the server's time limit of {} s",
+        limit.as_secs_f64()
+    ))
+}
+
+/// `stream` until `deadline`, run by a task of its own so that a client that stops reading
+/// cannot hold the query's slot and memory past it: then the query is dropped (cancelling its
+/// DataFusion tasks) and the client gets DEADLINE_EXCEEDED after what was sent, never a
+/// silently shortened answer.
+fn until_deadline(
+    mut stream: FlightDataStream,
+    deadline: Instant,
+    limit: Duration,
+    admitted: Admitted,
+) -> FlightDataStream {
+    let (batches, receiver) = tokio::sync::mpsc::channel(2);
+    let (end, ended) = tokio::sync::oneshot::channel::<Option<Status>>();
+    let query = async move {
+        let _admitted = admitted;
+        let outcome = loop {
+            let item = tokio::select! {
+                item = stream.next() => item,
+                () = tokio::time::sleep_until(deadline) => break Some(to_status(timed_out(limit))),
+                // The client went away: stop at once.
+                () = batches.closed() => return,
+            };
+            match item {
+                None => break None,
+                Some(Err(status)) => break Some(status),
+                Some(Ok(data)) => match tokio::time::timeout_at(deadline, batches.send(data)).await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => break Some(to_status(timed_out(limit))),
+                },
+            }
+        };
+        drop(stream);
+        let _ = end.send(outcome);
+    };
+    tokio::spawn(query.in_current_span());
+    Box::pin(futures::stream::unfold(
+        Some((receiver, ended)),
+        |state| async move {
+            let (mut receiver, ended) = state?;
+            if let Some(data) = receiver.recv().await {
+                return Some((Ok(data), Some((receiver, ended))));
+            }
+            match ended.await {
+                Ok(None) => None,
+                Ok(Some(status)) => Some((Err(status), None)),
+                Err(_) => Some((
+                    Err(to_status(HedfError::internal("a query's task ended early"))),
+                    None,
+                )),
+            }
+        },
+    ))
 }
 
 fn one_batch(batch: RecordBatch) -> FlightDataStream {
@@ -307,6 +494,7 @@ impl FlightSqlService for HedfFlightService {
         >,
         Status,
     > {
+        let peer = request.remote_addr().map(|a| a.ip());
         let Some(users) = &self.users else {
             let output = futures::stream::iter(vec![Ok(HandshakeResponse::default())]);
             return Ok(Response::new(Box::pin(output)));
@@ -328,12 +516,25 @@ impl FlightSqlService for HedfFlightService {
             .ok()
             .and_then(|b| String::from_utf8(b).ok())
             .ok_or_else(refused)?;
-        let (user, password) = decoded.split_once(':').ok_or_else(refused)?;
-        if !users.verify(user, password) {
-            tracing::info!(rpc = "handshake", user, "refused login");
+        let (user, password) = decoded
+            .split_once(':')
+            .filter(|(user, _)| user.len() <= MAX_USER_NAME_BYTES)
+            .ok_or_else(refused)?;
+        if !self
+            .verify_login(users, user, password, peer)
+            .await
+            .map_err(|e| {
+                tracing::debug!(rpc = "handshake", user, ?peer, "refused login: {e}");
+                to_status(e)
+            })?
+        {
+            tracing::info!(rpc = "handshake", user, ?peer, "refused login");
             return Err(refused());
         }
-        let token = self.tokens.issue(user).map_err(to_status)?;
+        let token = self
+            .tokens
+            .issue(user, &users.current())
+            .map_err(to_status)?;
         let output = futures::stream::iter(vec![Ok(HandshakeResponse {
             protocol_version: 0,
             payload: token.clone().into(),
@@ -588,7 +789,8 @@ impl FlightSqlService for HedfFlightService {
                 "transactions are not supported",
             ));
         }
-        let planned = plan(&tenant, &query.query)
+        let planned = self
+            .limited(&tenant, plan(&tenant, &query.query))
             .instrument(rpc_span("create_prepared_statement", &tenant))
             .await
             .map_err(to_status)?;

@@ -143,8 +143,21 @@ impl HedfFlightService {
         tenant: &Tenant,
         work: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
+        let (_admitted, deadline) = self.admit(tenant).await?;
+        self.within(deadline, work).await
+    }
+
+    /// A query's slot, and the deadline its time limit sets (the queue wait counts).
+    async fn admit(&self, tenant: &Tenant) -> Result<(Admitted, Instant)> {
         let deadline = Instant::now() + self.query_timeout;
-        let _admitted = self.queries.admit(tenant.name(), deadline).await?;
+        Ok((self.queries.admit(tenant.name(), deadline).await?, deadline))
+    }
+
+    async fn within<T>(
+        &self,
+        deadline: Instant,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
         tokio::time::timeout_at(deadline, work)
             .await
             .map_err(|_| timed_out(self.query_timeout))?
@@ -247,8 +260,7 @@ impl HedfFlightService {
     /// Runs a statement for DoGet: its result batches, ciphertext columns untouched. The
     /// query's admission and time limit last until its last batch is sent.
     async fn statement_stream(&self, tenant: &Tenant, sql: &str) -> Result<FlightDataStream> {
-        let deadline = Instant::now() + self.query_timeout;
-        let admitted = self.queries.admit(tenant.name(), deadline).await?;
+        let (admitted, deadline) = self.admit(tenant).await?;
         let start = async {
             let Planned::Query { ctx, plan, tables } = plan(tenant, sql).await? else {
                 return Err(HedfError::Invalid(
@@ -262,9 +274,7 @@ impl HedfFlightService {
                 .await?;
             Ok((stream, tables))
         };
-        let (stream, tables) = tokio::time::timeout_at(deadline, start)
-            .await
-            .map_err(|_| timed_out(self.query_timeout))??;
+        let (stream, tables) = self.within(deadline, start).await?;
         let schema = stream.schema();
         // The snapshot travels with the stream: the files it reads stay until it is done.
         let batches = stream.map(move |batch| {

@@ -7,7 +7,7 @@
 //! operators (`SUM(x) > 10`, `x - y`) as the SQL planner builds them, before DataFusion's type
 //! coercion fails on binary operands with a message about types.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{plan_err, Column, DFSchema};
@@ -18,8 +18,8 @@ use datafusion::logical_expr::planner::{ExprPlanner, PlannerResult, RawBinaryExp
 use datafusion::logical_expr::{Distinct, Expr, LogicalPlan};
 use datafusion::optimizer::AnalyzerRule;
 
-use crate::crypto::cell::META_KIND;
-use crate::udaf::HE_SUM;
+use crate::crypto::cell::{KIND_SUM, META_KIND};
+use crate::udaf::{HE_SUM, IN_A_CLIENT};
 
 #[derive(Debug, Default)]
 pub struct CiphertextGuard;
@@ -53,14 +53,21 @@ impl ExprPlanner for OperatorGuard {
             .find(|e| is_encrypted_operand(e, schema));
         match encrypted {
             Some(operand) => {
-                let name = match operand {
-                    Expr::Column(c) => c.name.clone(),
-                    other => other.schema_name().to_string(),
+                let (name, sum) = match operand {
+                    Expr::Column(c) => (
+                        c.name.clone(),
+                        schema.qualified_field_from_column(c).is_ok_and(|(_, f)| {
+                            f.metadata().get(META_KIND).is_some_and(|k| k == KIND_SUM)
+                        }),
+                    ),
+                    other => (other.schema_name().to_string(), true),
                 };
+                let hint = client_hint(sum);
                 plan_err!(
                     "{name} is encrypted: `{}` needs its plaintext, which only the key's owner \
                      has; on the server an encrypted column can only be selected, summed (SUM) \
-                     or counted, and computing on the sums happens after the client decrypts them",
+                     or counted, and computing on the sums happens after the client decrypts \
+                     them{hint}",
                     expr.op
                 )
             }
@@ -89,12 +96,19 @@ fn is_encrypted_operand(e: &Expr, schema: &DFSchema) -> bool {
     }
 }
 
-fn encrypted_columns(schemas: &[&DFSchema]) -> HashSet<Column> {
+/// The encrypted columns of `schemas`, each with whether it holds sums (which a client can
+/// finish on) rather than cells (which only a download could use row by row).
+fn encrypted_columns(schemas: &[&DFSchema]) -> HashMap<Column, bool> {
     schemas
         .iter()
         .flat_map(|s| s.iter())
-        .filter(|(_, field)| field.metadata().contains_key(META_KIND))
-        .map(|(qualifier, field)| Column::new(qualifier.cloned(), field.name()))
+        .filter_map(|(qualifier, field)| {
+            let kind = field.metadata().get(META_KIND)?;
+            Some((
+                Column::new(qualifier.cloned(), field.name()),
+                kind == KIND_SUM,
+            ))
+        })
         .collect()
 }
 
@@ -127,7 +141,7 @@ fn check_node(node: &LogicalPlan) -> Result<()> {
             }
             Ok(())
         }
-        LogicalPlan::Distinct(Distinct::All(_)) => match encrypted.iter().next() {
+        LogicalPlan::Distinct(Distinct::All(_)) => match encrypted.keys().next() {
             Some(col) => plan_err!(
                 "{} is encrypted: DISTINCT would compare ciphertexts",
                 col.name
@@ -211,13 +225,28 @@ fn is_allowed_aggregate(e: &Expr) -> bool {
     }
 }
 
-fn refuse_use(e: &Expr, encrypted: &HashSet<Column>, how: &str) -> Result<()> {
-    match e.column_refs().into_iter().find(|c| encrypted.contains(*c)) {
-        Some(col) => plan_err!(
-            "{} is encrypted and cannot be {how} on the server; encrypted columns can only be \
-             selected, summed (SUM) or counted",
-            col.name
-        ),
-        None => Ok(()),
+fn refuse_use(e: &Expr, encrypted: &HashMap<Column, bool>, how: &str) -> Result<()> {
+    let Some((col, sum)) = e
+        .column_refs()
+        .into_iter()
+        .find_map(|c| encrypted.get_key_value(c))
+    else {
+        return Ok(());
+    };
+    let hint = client_hint(*sum);
+    plan_err!(
+        "{} is encrypted and cannot be {how} on the server; encrypted columns can only be \
+         selected, summed (SUM) or counted{hint}",
+        col.name
+    )
+}
+
+/// Where a refused use of a sum can run instead; nothing for a cell, which a client would have
+/// to download row by row.
+fn client_hint(sum: bool) -> String {
+    if sum {
+        format!("; {IN_A_CLIENT}")
+    } else {
+        String::new()
     }
 }

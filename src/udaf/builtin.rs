@@ -22,6 +22,7 @@ use datafusion::logical_expr::{
 use datafusion::scalar::ScalarValue;
 
 use crate::crypto::cell::META_KIND;
+use crate::udaf::IN_A_CLIENT;
 
 /// The built-in aggregates that need a measure's plaintext; `SUM` is not among them.
 pub const NEEDS_PLAINTEXT: [&str; 7] = [
@@ -83,7 +84,8 @@ impl EncryptionAware {
             OnEncrypted::Run(udaf) => Ok(udaf),
             OnEncrypted::Refuse if name == "AVG" => plan_err!(
                 "{column} is encrypted: AVG needs its plaintext, which only the key's owner has; \
-                 ask the server for SUM({column}) and COUNT({column}) and divide after decrypting"
+                 ask the server for SUM({column}) and COUNT({column}) and divide after \
+                 decrypting; {IN_A_CLIENT}"
             ),
             OnEncrypted::Refuse => plan_err!(
                 "{column} is encrypted: {name} needs its plaintext, which only the key's owner \

@@ -27,6 +27,10 @@ use crate::crypto::cell::{ColumnKind, ColumnMarking, META_KEY_ID, META_KIND};
 /// The registered name of the aggregate.
 pub const HE_SUM: &str = "he_sum";
 
+/// Ends each refusal of what only plaintext sums can answer: where such a query runs instead.
+pub const IN_A_CLIENT: &str = "a hedf client (hedf sql, or hedf::cli::split::query) runs such \
+     a query: the server sums, the client decrypts and finishes";
+
 /// The `he_sum` aggregate, ready to register in a `SessionContext`.
 pub fn he_sum_udaf() -> AggregateUDF {
     AggregateUDF::from(HeSum {

@@ -51,14 +51,35 @@ with connect("alice", "alice-secret") as conn:
         )
         result = cur.fetch_arrow_table()
 
-        # What needs plaintext is refused at planning with hedf's message, not DataFusion's.
-        try:
-            cur.execute('SELECT "SEX", AVG("2018") FROM population GROUP BY "SEX"')
-            cur.fetch_arrow_table()
-            raise AssertionError("AVG of an encrypted column was accepted")
-        except adbc_driver_manager.Error as e:
-            assert '2018 is encrypted: AVG needs its plaintext' in str(e), e
-            assert "bug" not in str(e), e
+        # What needs plaintext is refused at planning with hedf's message, not DataFusion's,
+        # and the message says where it runs: in a hedf client, which finishes on the sums.
+        refused = {
+            'SELECT "SEX", AVG("2018") FROM population GROUP BY "SEX"':
+                "2018 is encrypted: AVG needs its plaintext",
+            'SELECT "SEX", ROUND(AVG("2018"), 1) FROM population GROUP BY "SEX"':
+                "2018 is encrypted: AVG needs its plaintext",
+            'SELECT "AREA", SUM("2018") AS t FROM population GROUP BY "AREA" '
+            'ORDER BY t DESC LIMIT 10':
+                "t is encrypted and cannot be ordered by on the server",
+            'SELECT "AREA" FROM population GROUP BY "AREA" HAVING SUM("2018") > 1000':
+                "is encrypted: `>` needs its plaintext",
+            'SELECT "AREA", SUM("2019") - SUM("2018") FROM population GROUP BY "AREA"':
+                "is encrypted: `-` needs its plaintext",
+            'SELECT "AREA", SUM("2018") / COUNT(*) FROM population GROUP BY "AREA"':
+                "is encrypted: `/` needs its plaintext",
+            'SELECT "SEX", SUM("2018") * 100.0 / SUM(SUM("2018")) OVER () '
+            'FROM population GROUP BY "SEX"':
+                "is encrypted",
+        }
+        for sql, message in refused.items():
+            try:
+                cur.execute(sql)
+                cur.fetch_arrow_table()
+                raise AssertionError(f"accepted on ciphertext: {sql}")
+            except adbc_driver_manager.Error as e:
+                assert message in str(e), (sql, e)
+                assert "a hedf client (hedf sql" in str(e), (sql, e)
+                assert "bug" not in str(e), (sql, e)
     assert result.num_rows == 8, result.num_rows
     assert result.schema.field("2018").metadata[b"hedf.kind"] == b"sum"
     path = work / "result.arrow"

@@ -15,9 +15,12 @@ use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::CommandGetPrimaryKeys;
 use common::population::{aggregation_sql, population, YEARS};
 use common::tables::{encrypted_population, key, measures, upload};
+use common::values::all_values;
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
+use hedf::cli::connection::Connection;
 use hedf::cli::remote::Remote;
+use hedf::cli::split;
 use hedf::crypto::client::{decrypt_batch, encrypt_batches};
 use hedf::crypto::keys::ClientKey;
 use hedf::protocol::{IngestMode, UploadOptions};
@@ -132,6 +135,70 @@ async fn seed_demo_replays_over_flight_sql() {
     assert!(out.contains("No field named \"INVALID\""), "{out}");
     assert!(out.contains("\"AGE GROUP\""), "{out}");
     assert_eq!(out.matches("verified: all").count(), 3);
+}
+
+/// Plain SQL through a hedf client and a real server: the server's part runs there on
+/// ciphertext, the client decrypts and finishes, and every answer equals plaintext DataFusion's
+/// on the same rows. EXPLAIN shows what the server was sent: sums and counts by group, no AVG.
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_sql_is_split_between_server_and_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let (schema, plain) = population().unwrap();
+    let key = Arc::new(ClientKey::generate());
+    let (enc_schema, enc) = encrypt_batches(&key, &plain, &measures()).unwrap();
+    let reference = SessionContext::new();
+    let table = datafusion::datasource::MemTable::try_new(schema, vec![plain]).unwrap();
+    reference
+        .register_table("population", Arc::new(table))
+        .unwrap();
+    let mut connection = Connection::remote(&server.url, Some(ALICE)).await.unwrap();
+    let options = UploadOptions::default();
+    let batches = enc.into_iter().map(Ok);
+    connection
+        .upload(
+            "population",
+            IngestMode::CREATE,
+            options,
+            enc_schema,
+            batches,
+        )
+        .await
+        .unwrap();
+
+    let average = r#"SELECT "SEX", AVG("2018"), SUM("2019") - SUM("2018"), COUNT(*)
+        FROM population GROUP BY "SEX" HAVING SUM("2018") > 1000 ORDER BY "SEX""#;
+    for sql in [
+        r#"SELECT "AREA", SUM("2018") AS total FROM population GROUP BY "AREA"
+           ORDER BY total DESC, "AREA" LIMIT 10"#,
+        average,
+        r#"SELECT "AGE GROUP", ROUND(SUM("2018") * 100.0 / SUM(SUM("2018")) OVER (), 4)
+           FROM population GROUP BY "AGE GROUP" ORDER BY 1"#,
+    ] {
+        let (_, got) = split::query(connection.clone(), key.clone(), sql.into())
+            .await
+            .unwrap();
+        let want = reference.sql(sql).await.unwrap().collect().await.unwrap();
+        assert!(!want.is_empty(), "{sql}");
+        assert_eq!(all_values(&got), all_values(&want), "{sql}");
+    }
+
+    let (_, explained) = split::query(connection.clone(), key, format!("EXPLAIN {average}"))
+        .await
+        .unwrap();
+    let rows = all_values(&explained);
+    let [server_part, client] = rows.as_slice() else {
+        panic!("one server part and the client's plan: {rows:?}");
+    };
+    assert_eq!(server_part[0], "server_part_1 (server)");
+    let sent = server_part[1].to_lowercase();
+    assert!(
+        sent.contains("sum(") && sent.contains("count(") && sent.contains("group by"),
+        "{sent}"
+    );
+    assert!(!sent.contains("avg") && !sent.contains("having"), "{sent}");
+    assert_eq!(client[0], "client");
+    assert!(client[1].contains("server_part_1"), "{}", client[1]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

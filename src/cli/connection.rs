@@ -15,6 +15,7 @@ use crate::error::Result;
 use crate::protocol::{IngestMode, UploadOptions, ANONYMOUS};
 use crate::server::catalog::{Catalog, Tenant};
 
+#[derive(Clone)]
 pub enum Connection {
     Local { tenant: Arc<Tenant>, label: String },
     Remote { remote: Box<Remote>, label: String },

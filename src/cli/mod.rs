@@ -1,6 +1,7 @@
 //! What people use: the Flight SQL client ([`remote`]), a [`connection`] to a local data folder
-//! or a server, the `hedf sql` shell ([`repl`]), output formats ([`display`]), the prototype's [`demo`], and
-//! the `hedf` binary's subcommands ([`commands`]).
+//! or a server, plain SQL split between server and client ([`split`]), the `hedf sql` shell
+//! ([`repl`]), output formats ([`display`]), the prototype's [`demo`], and the `hedf` binary's
+//! subcommands ([`commands`]).
 
 pub mod commands;
 pub mod connection;
@@ -8,3 +9,4 @@ pub mod demo;
 pub mod display;
 pub mod remote;
 pub mod repl;
+pub mod split;

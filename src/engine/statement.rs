@@ -92,7 +92,8 @@ pub async fn plan(tenant: &Tenant, sql: &str) -> Result<Planned> {
     })
 }
 
-fn parse(sql: &str) -> Result<DfStatement> {
+/// One statement, within the size and nesting limits.
+pub(crate) fn parse(sql: &str) -> Result<DfStatement> {
     check_size(sql)?;
     let mut statements = DFParserBuilder::new(sql)
         .with_dialect(&GenericDialect {})
@@ -118,7 +119,7 @@ fn parse(sql: &str) -> Result<DfStatement> {
 }
 
 /// A query, or EXPLAIN (ANALYZE) of one.
-fn is_query(statement: &DfStatement) -> bool {
+pub(crate) fn is_query(statement: &DfStatement) -> bool {
     match statement {
         DfStatement::Statement(s) => matches!(s.as_ref(), Statement::Query(_)),
         DfStatement::Explain(explain) => is_query(&explain.statement),

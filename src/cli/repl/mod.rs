@@ -22,6 +22,7 @@ pub use command::Command;
 
 use crate::cli::connection::Connection;
 use crate::cli::display::{self, Format};
+use crate::cli::split;
 use crate::crypto::cell::{ColumnCrypto, ColumnMarking};
 use crate::crypto::client::decrypt_readable;
 use crate::crypto::keys::ClientKey;
@@ -37,7 +38,7 @@ pub enum Flow {
 /// A shell session: where SQL runs, the key results are decrypted with, output settings.
 pub struct Session {
     connection: Connection,
-    key: Option<ClientKey>,
+    key: Option<Arc<ClientKey>>,
     format: Format,
     /// The format `\pivot` returns to.
     unpivoted: Format,
@@ -53,7 +54,7 @@ impl Session {
     pub fn new(connection: Connection, key: Option<ClientKey>, format: Format) -> Self {
         Session {
             connection,
-            key,
+            key: key.map(Arc::new),
             format,
             unpivoted: if format == Format::Pivot {
                 Format::Table
@@ -105,8 +106,15 @@ impl Session {
         let started = Instant::now();
         // The query runs as a task: inside one, DataFusion's operators yield to the scheduler
         // (tokio's cooperative budget), so aborting it stops a local plan mid-way and resets a
-        // server call.
-        let mut task = tokio::spawn(self.connection.query(sql));
+        // server call. With a key, what the server cannot do on ciphertext is finished here.
+        let mut task = match &self.key {
+            Some(key) => tokio::spawn(split::query(
+                self.connection.clone(),
+                key.clone(),
+                sql.to_string(),
+            )),
+            None => tokio::spawn(self.connection.query(sql)),
+        };
         let (schema, batches) = tokio::select! {
             result = &mut task => result.map_err(HedfError::internal)??,
             _ = tokio::signal::ctrl_c() => {
@@ -141,7 +149,7 @@ impl Session {
         let mut shown = Vec::with_capacity(batches.len());
         let mut refused = Vec::new();
         for batch in &batches {
-            let (batch, mismatches) = decrypt_readable(self.key.as_ref(), batch)?;
+            let (batch, mismatches) = decrypt_readable(self.key.as_deref(), batch)?;
             shown.push(batch);
             refused.extend(mismatches);
         }
@@ -186,7 +194,7 @@ impl Session {
                     .iter()
                     .find(|(name, _)| *name == table)
                     .ok_or(HedfError::NoSuchTable(table))?;
-                let columns = describe_table(schema, self.key.as_ref())?;
+                let columns = describe_table(schema, self.key.as_deref())?;
                 display::write(out, self.plain_format(), &columns.schema(), &[columns])?;
             }
             Command::Timing(on) => {

@@ -1,5 +1,7 @@
 //! The Flight SQL endpoint over loopback: a real server (in this process, its own tokio tasks)
-//! and hedf's client. Prints median seed-query latency, ingest throughput and result size.
+//! and hedf's client. Prints median seed-query latency (he_sum as sent, and plain SQL through
+//! the client's split: SUM, which the server runs as written, and AVG, which the client
+//! finishes), ingest throughput and result size.
 //!
 //! cargo bench --bench flight                  (ingest of 10^6 rows x 5 measures)
 //! HEDF_BENCH_ROWS=100000 cargo bench --bench flight
@@ -14,7 +16,9 @@ use arrow::array::{ArrayRef, Decimal128Array, RecordBatch, StringArray};
 use arrow::datatypes::SchemaRef;
 use arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
 use arrow::ipc::CompressionType;
+use hedf::cli::connection::Connection;
 use hedf::cli::remote::Remote;
+use hedf::cli::split;
 use hedf::crypto::client::{decrypt_batch, encrypt_batches, MeasureColumn};
 use hedf::crypto::keys::ClientKey;
 use hedf::protocol::{IngestMode, UploadOptions};
@@ -103,7 +107,8 @@ async fn main() {
     ));
     let url = format!("http://{}", addr_rx.await.unwrap());
     let mut remote = Remote::connect(&url, None).await.unwrap();
-    let key = ClientKey::generate();
+    let key = Arc::new(ClientKey::generate());
+    let connection = Connection::remote(&url, None).await.unwrap();
     let measures: Vec<MeasureColumn> = YEARS.iter().map(|y| MeasureColumn::new(*y, 1)).collect();
 
     // The seed's three aggregations over the 152-row table.
@@ -122,8 +127,8 @@ async fn main() {
         .unwrap();
     println!("Flight SQL over loopback, {RUNS} runs each, medians (2-core machine)");
     println!(
-        "{:<34} {:>12} {:>14} {:>12}",
-        "seed aggregation", "round trip", "+ decrypt", "result IPC"
+        "{:<22} {:>10} {:>11} {:>11} {:>11} {:>10}",
+        "seed aggregation", "round trip", "+ decrypt", "split SUM", "split AVG", "result IPC"
     );
     for (title, over) in [
         ("by area (38 groups)", "AREA"),
@@ -143,6 +148,21 @@ async fn main() {
             full.push(t.elapsed());
             size = ipc_bytes(&schema, &result, false);
         }
+        let [sums, averages] =
+            ["SUM", "AVG"].map(|f| aggregation_sql("population", over, f).unwrap());
+        let (mut split_sum, mut split_avg) = (Vec::new(), Vec::new());
+        for _ in 0..RUNS {
+            for (sql, times) in [(&sums, &mut split_sum), (&averages, &mut split_avg)] {
+                let t = Instant::now();
+                let (_, result) = split::query(connection.clone(), key.clone(), sql.clone())
+                    .await
+                    .unwrap();
+                for b in &result {
+                    decrypt_batch(&key, b).unwrap();
+                }
+                times.push(t.elapsed());
+            }
+        }
         let values = size as f64
             / (YEARS.len()
                 * if over == "SEX" {
@@ -153,9 +173,11 @@ async fn main() {
                     8
                 }) as f64;
         println!(
-            "{title:<34} {:>9.2} ms {:>11.2} ms {:>7.2} MB ({:.0} B/value)",
+            "{title:<22} {:>7.2} ms {:>8.2} ms {:>8.2} ms {:>8.2} ms {:>7.2} MB ({:.0} B/value)",
             median(trip).as_secs_f64() * 1e3,
             median(full).as_secs_f64() * 1e3,
+            median(split_sum).as_secs_f64() * 1e3,
+            median(split_avg).as_secs_f64() * 1e3,
             size as f64 / 1e6,
             values
         );

@@ -199,6 +199,17 @@ async fn plain_sql_is_split_between_server_and_client() {
     assert!(!sent.contains("avg") && !sent.contains("having"), "{sent}");
     assert_eq!(client[0], "client");
     assert!(client[1].contains("server_part_1"), "{}", client[1]);
+
+    // What that part fetches: one row per group (here 2 sexes), sums and counts, no cell.
+    let (schema, fetched) = connection.query(&server_part[1]).await.unwrap();
+    assert_eq!(fetched.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+    for field in schema.fields().iter().skip(1) {
+        let kind = field.metadata().get("hedf.kind").map(String::as_str);
+        assert!(
+            kind == Some("sum") || (kind.is_none() && field.data_type() == &DataType::Int64),
+            "{field:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -89,6 +89,19 @@ pub enum HedfError {
 
 pub type Result<T, E = HedfError> = std::result::Result<T, E>;
 
+/// `e` and each error under it, joined by ": ". Transport errors (tonic's, rustls') say only
+/// "transport error" at the top; what went wrong is further down.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// What a server's refusal is prefixed with: the server's messages say what went wrong, the
 /// kinds a person might not guess from that say what kind of failure it is.
 fn remote_prefix(kind: ErrorKind) -> &'static str {

@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::connection::Connection;
 use crate::cli::display::Format;
+use crate::cli::remote::ClientTls;
 use crate::cli::repl::{history_path, Session};
 use crate::crypto::client::decrypt_batch;
 use crate::crypto::keys::ClientKey;
@@ -19,7 +20,7 @@ use crate::error::{HedfError, Result};
 use crate::protocol::{IngestMode, UploadOptions};
 use crate::server::catalog::plaintext_warnings;
 use crate::server::flight::auth::{hash_password, Directory, Users};
-use crate::server::flight::{Limits, ServerConfig};
+use crate::server::flight::{Limits, ServerConfig, ServerTls};
 use crate::table::files;
 
 #[derive(Parser)]
@@ -153,6 +154,19 @@ enum Command {
         /// Queries one user may run at once (queued like --max-concurrent-queries).
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
         max_queries_per_user: u32,
+        /// PEM certificate chain to serve TLS with (with --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// PEM CA certificate(s): every client must present a certificate it signed (mutual TLS).
+        #[arg(long, requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
+        /// Take passwords without TLS on a non-loopback address (behind a TLS-terminating
+        /// proxy only: otherwise the network sees every password).
+        #[arg(long, conflicts_with = "tls_cert")]
+        insecure_plaintext: bool,
     },
     /// Talk to a running server.
     Client {
@@ -174,12 +188,50 @@ enum ClientCommand {
 
 #[derive(clap::Args)]
 struct ServerArgs {
-    /// Server URL, e.g. http://127.0.0.1:50051.
+    /// Server URL, e.g. https://db.example:50051 (http:// for this machine).
     #[arg(long = "server")]
     url: String,
     /// User name; the password comes from $HEDF_PASSWORD or a prompt.
     #[arg(long)]
     user: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// How a client trusts an https:// server, and proves itself to one that asks.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// PEM CA certificate(s) the server's certificate must chain to (default: the system's).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// PEM certificate to present to a server that requires one (with --tls-client-key).
+    #[arg(long, requires = "tls_client_key")]
+    tls_client_cert: Option<PathBuf>,
+    /// PEM private key of --tls-client-cert.
+    #[arg(long, requires = "tls_client_cert")]
+    tls_client_key: Option<PathBuf>,
+    /// Send the password over http:// to another machine (the network sees it).
+    #[arg(long)]
+    insecure_plaintext: bool,
+}
+
+impl TlsArgs {
+    fn load(&self) -> Result<ClientTls> {
+        let identity = match (&self.tls_client_cert, &self.tls_client_key) {
+            (Some(cert), Some(key)) => Some((read_pem(cert)?, read_pem(key)?)),
+            _ => None,
+        };
+        Ok(ClientTls {
+            ca: self.tls_ca.as_deref().map(read_pem).transpose()?,
+            identity,
+            insecure_plaintext: self.insecure_plaintext,
+        })
+    }
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| HedfError::Invalid(format!("cannot read {}: {e}", path.display())))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -203,14 +255,18 @@ struct Target {
     /// picks whose tables (default: the tenant of a server run with --insecure-no-auth).
     #[arg(long)]
     user: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 impl Target {
     async fn connect(&self) -> Result<Connection> {
         match &self.server {
             Some(url) => {
+                let tls = self.tls.load()?;
                 let login = login(self.user.as_deref())?;
-                Connection::remote(url, login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))).await
+                let login = login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+                Connection::remote(url, login, &tls).await
             }
             None => Connection::local(&self.data_dir(), self.user.as_deref(), None),
         }
@@ -339,7 +395,19 @@ pub async fn run(cli: Cli) -> Result<()> {
             query_timeout,
             max_concurrent_queries,
             max_queries_per_user,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            insecure_plaintext,
         } => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(ServerTls {
+                    cert: read_pem(&cert)?,
+                    key: read_pem(&key)?,
+                    client_ca: tls_client_ca.as_deref().map(read_pem).transpose()?,
+                }),
+                _ => None,
+            };
             let config = ServerConfig {
                 data_dir: data_dir.unwrap_or_else(default_data_dir),
                 users: None,
@@ -350,6 +418,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                     max_queries: max_concurrent_queries as usize,
                     max_queries_per_tenant: max_queries_per_user as usize,
                 },
+                tls,
+                insecure_plaintext,
             };
             serve(
                 config,
@@ -629,7 +699,8 @@ fn reload_users_on_hangup(
 async fn client_demo(server: &ServerArgs) -> Result<()> {
     let login = login(server.user.as_deref())?;
     let login = login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
-    let mut connection = Connection::remote(&server.url, login).await?;
+    let tls = server.tls.load()?;
+    let mut connection = Connection::remote(&server.url, login, &tls).await?;
     crate::cli::demo::run(&mut connection, &mut std::io::stdout().lock()).await
 }
 

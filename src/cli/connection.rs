@@ -9,7 +9,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use futures::future::BoxFuture;
 
-use crate::cli::remote::Remote;
+use crate::cli::remote::{ClientTls, Remote};
 use crate::engine::statement;
 use crate::error::Result;
 use crate::protocol::{IngestMode, UploadOptions, ANONYMOUS};
@@ -35,8 +35,8 @@ impl Connection {
     }
 
     /// A server at `url`, logged in as `login`'s user if given.
-    pub async fn remote(url: &str, login: Option<(&str, &str)>) -> Result<Self> {
-        let remote = Box::new(Remote::connect(url, login).await?);
+    pub async fn remote(url: &str, login: Option<(&str, &str)>, tls: &ClientTls) -> Result<Self> {
+        let remote = Box::new(Remote::connect(url, login, tls).await?);
         let label = match login {
             Some((user, _)) => format!("{url} as {user}"),
             None => url.to_string(),

@@ -18,13 +18,74 @@ use arrow_flight::sql::{TableExistsOption, TableNotExistOption};
 use arrow_flight::{FlightData, FlightDescriptor, FlightInfo, HandshakeRequest};
 use futures::{SinkExt, Stream, StreamExt, TryStreamExt};
 use prost::Message;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::error::{ErrorKind, HedfError, Result};
+use crate::error::{with_causes, ErrorKind, HedfError, Result};
 use crate::protocol::{
     IfExists, IngestMode, UploadOptions, ABORT_UPLOAD, ALLOW_PLAINTEXT_OPTION, ERROR_KIND_HEADER,
     MAX_MESSAGE_BYTES, WINDOW_BYTES,
 };
+
+/// How a client reaches an `https://` server, and whether it may send a password in the clear.
+#[derive(Clone, Debug, Default)]
+pub struct ClientTls {
+    /// PEM certificates of the CAs the server's certificate must chain to; `None`: the
+    /// system's roots.
+    pub ca: Option<Vec<u8>>,
+    /// PEM certificate and key presented to a server that asks for one (mutual TLS).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// Log in over `http://` to a host that is not this machine (the network sees the password).
+    pub insecure_plaintext: bool,
+}
+
+impl ClientTls {
+    /// `endpoint` for `url`: TLS for `https://`, never falling back to plaintext; `http://`
+    /// only without TLS options, and with a password only to this machine unless allowed.
+    fn apply(&self, endpoint: Endpoint, url: &str, login: bool) -> Result<Endpoint> {
+        let uri = endpoint.uri();
+        match uri.scheme_str() {
+            Some("https") => {
+                let mut config = ClientTlsConfig::new();
+                config = match &self.ca {
+                    Some(ca) => config.ca_certificate(Certificate::from_pem(ca)),
+                    None => config.with_native_roots(),
+                };
+                if let Some((cert, key)) = &self.identity {
+                    config = config.identity(Identity::from_pem(cert, key));
+                }
+                endpoint
+                    .tls_config(config)
+                    .map_err(|e| HedfError::Invalid(format!("TLS for {url}: {}", with_causes(&e))))
+            }
+            Some("http") => {
+                if self.ca.is_some() || self.identity.is_some() {
+                    return Err(HedfError::Invalid(format!(
+                        "TLS options need an https:// server URL, not {url}"
+                    )));
+                }
+                let host = uri.host().unwrap_or_default();
+                if login && !self.insecure_plaintext && !is_loopback(host) {
+                    return Err(HedfError::Invalid(format!(
+                        "{url} would carry the password in plaintext: use https:// (or \
+                         --insecure-plaintext on a network you trust)"
+                    )));
+                }
+                Ok(endpoint)
+            }
+            _ => Err(HedfError::Invalid(format!(
+                "server URL {url:?}: expected http:// or https://"
+            ))),
+        }
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
 
 /// A connection to a hedf Flight SQL server. Clones share the channel and the login.
 #[derive(Clone)]
@@ -33,18 +94,20 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// Connects to `url` (e.g. `http://127.0.0.1:50051`) and, given credentials, logs in with
-    /// the Flight handshake (Basic user:password, answered with a bearer token).
-    pub async fn connect(url: &str, login: Option<(&str, &str)>) -> Result<Self> {
-        let channel = Endpoint::from_shared(url.to_string())
-            .map_err(|e| HedfError::Invalid(format!("bad server URL {url:?}: {e}")))?
+    /// Connects to `url` (e.g. `https://db.example:50051`) and, given credentials, logs in
+    /// with the Flight handshake (Basic user:password, answered with a bearer token).
+    pub async fn connect(url: &str, login: Option<(&str, &str)>, tls: &ClientTls) -> Result<Self> {
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| HedfError::Invalid(format!("bad server URL {url:?}: {e}")))?;
+        let channel = tls
+            .apply(endpoint, url, login.is_some())?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(WINDOW_BYTES))
             .initial_connection_window_size(Some(2 * WINDOW_BYTES))
             .connect()
             .await
-            .map_err(|e| HedfError::Unavailable(format!("{url}: {e}")))?;
+            .map_err(|e| HedfError::Unavailable(format!("{url}: {}", with_causes(&e))))?;
         let inner = arrow_flight::flight_service_client::FlightServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -4,6 +4,7 @@
 
 pub mod population;
 pub mod tables;
+pub mod tls;
 pub mod values;
 
 use std::io::{BufRead, BufReader};
@@ -19,14 +20,33 @@ pub struct Server {
 
 impl Server {
     /// Starts `hedf serve` on `dir` with `extra` arguments (users, limits) and waits until it
-    /// listens.
+    /// listens. Its log (warnings and errors only) goes to the test's stderr.
     pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        Server::spawn(dir, "127.0.0.1:0", extra, None)
+    }
+
+    /// Like [`Server::start`], its whole log (audit lines included) written to `log`.
+    pub fn start_logged(dir: &Path, extra: &[&str], log: &Path) -> Server {
+        Server::spawn(dir, "127.0.0.1:0", extra, Some(log))
+    }
+
+    /// Like [`Server::start`], listening on `listen` (say every address, `0.0.0.0:0`).
+    pub fn start_on(dir: &Path, listen: &str, extra: &[&str]) -> Server {
+        Server::spawn(dir, listen, extra, None)
+    }
+
+    fn spawn(dir: &Path, listen: &str, extra: &[&str], log: Option<&Path>) -> Server {
+        let (level, stderr) = match log {
+            Some(path) => ("info", Stdio::from(std::fs::File::create(path).unwrap())),
+            None => ("warn", Stdio::inherit()),
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_hedf"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", listen, "--data-dir"])
             .arg(dir)
             .args(extra)
+            .env("HEDF_LOG", level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let mut line = String::new();
@@ -42,6 +62,11 @@ impl Server {
             url: format!("http://{addr}"),
             child,
         }
+    }
+
+    /// The URL of a server started with `--tls-cert`: its certificate names `localhost`.
+    pub fn https_url(&self) -> String {
+        self.url.replace("http://127.0.0.1", "https://localhost")
     }
 
     pub fn kill(&mut self) {

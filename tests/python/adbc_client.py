@@ -1,6 +1,7 @@
 """A stock Flight SQL client against hedf: the ADBC Flight SQL driver and pyarrow from PyPI.
 
-Run by tests/adbc.rs with: URL HEDF_BINARY WORK_DIR CSV. The hedf CLI encrypts and decrypts;
+Run by tests/it/adbc.rs with: grpc+tls://HOST:PORT HEDF_BINARY WORK_DIR CSV CA_PEM. The hedf
+CLI encrypts and decrypts;
 ADBC only moves ciphertext. Expected sums come from the CSV through Python's decimal module,
 independently of hedf and DataFusion.
 """
@@ -17,7 +18,8 @@ import adbc_driver_manager
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-url, hedf, work, source = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+url, hedf, work, source, ca = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4], sys.argv[5]
+root_certs = Path(ca).read_text()
 years = ["2018", "2019", "2020", "2021", "2022"]
 
 
@@ -25,9 +27,15 @@ def run(*args):
     return subprocess.run([hedf, *args], check=True, capture_output=True, text=True).stdout
 
 
-def connect(user, password):
+def connect(user, password, uri=url):
     return flightsql.connect(
-        url, db_kwargs={"username": user, "password": password}, autocommit=True
+        uri,
+        db_kwargs={
+            "username": user,
+            "password": password,
+            "adbc.flight.sql.client_option.tls_root_certs": root_certs,
+        },
+        autocommit=True,
     )
 
 
@@ -113,5 +121,14 @@ try:
     raise AssertionError("a wrong password was accepted")
 except adbc_driver_manager.Error as e:
     assert "UNAUTHENTICATED" in str(e).upper() or "PASSWORD" in str(e).upper(), e
+
+# A plaintext client gets no answer from the TLS server.
+try:
+    with connect("alice", "alice-secret", url.replace("grpc+tls://", "grpc://")) as conn, \
+            conn.cursor() as cur:
+        cur.execute("SELECT 1")
+    raise AssertionError("a plaintext client was answered by a TLS server")
+except adbc_driver_manager.Error:
+    pass
 
 print(f"adbc: ingested 152 rows, {len(decrypted)} decrypted groups equal the plaintext sums")

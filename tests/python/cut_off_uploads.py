@@ -1,6 +1,6 @@
 """Uploads cut off by stock clients must leave the table as it was.
 
-Run by tests/hostile.rs with: HOST:PORT ENCRYPTED_PARQUET CREATE_CMD APPEND_CMD REPLACE_CMD, where
+Run by tests/it/hostile.rs with: HOST:PORT ENCRYPTED_PARQUET CREATE_CMD APPEND_CMD REPLACE_CMD, where
 the *_CMD are hex-encoded Flight SQL CommandStatementIngest descriptors (for a new table
 "fresh", and appending to / replacing "population"). Prints one line per scenario.
 """

@@ -220,6 +220,16 @@ fn decoded_body_bytes(header: &[u8], body: &[u8]) -> std::result::Result<u64, St
     let Some(batch) = batch else {
         return Ok(body.len() as u64);
     };
+    // arrow's decoder slices the body at each buffer's offset and length and panics outside it.
+    for buffer in batch.buffers().into_iter().flatten() {
+        let end = u64::try_from(buffer.offset())
+            .ok()
+            .zip(u64::try_from(buffer.length()).ok())
+            .and_then(|(offset, length)| offset.checked_add(length));
+        if end.is_none_or(|end| end > body.len() as u64) {
+            return Err("a buffer lies outside the message body".into());
+        }
+    }
     if batch.compression().is_none() {
         return Ok(body.len() as u64);
     }

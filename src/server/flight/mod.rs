@@ -4,6 +4,8 @@
 //! Statements are stateless: a ticket or prepared-statement handle is the SQL text itself, run
 //! under the tenant of whoever presents it, so a handle leaked to another user reveals nothing.
 
+mod access;
+mod audit;
 pub mod auth;
 mod ingest;
 mod status;
@@ -43,15 +45,18 @@ use prost::Message;
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::engine::session::{CATALOG, SCHEMA};
 use crate::engine::statement::{plan, Planned};
-use crate::error::{ErrorKind, HedfError, Result};
-use crate::protocol::{ANONYMOUS, MAX_MESSAGE_BYTES, WINDOW_BYTES};
+use crate::error::{with_causes, ErrorKind, HedfError, Result};
+use crate::protocol::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
 use crate::server::admission::{Admitted, Gate, QueryAdmission};
 use crate::server::catalog::{Catalog, Tenant};
+use access::{Access, Caller};
+use audit::{Audit, AuditLog};
 use auth::{Directory, Tokens, MAX_USER_NAME_BYTES};
 use status::status;
 pub use status::to_status;
@@ -71,6 +76,8 @@ const KEEPALIVE_ACK: Duration = Duration::from_secs(20);
 /// Logins waiting for an Argon2 worker, and for how long, before they are refused as too many.
 const LOGIN_QUEUE: usize = 256;
 const LOGIN_QUEUE_WAIT: Duration = Duration::from_secs(10);
+/// A peer that has not finished its TLS handshake by then is dropped.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// How a server runs.
 pub struct ServerConfig {
@@ -82,6 +89,30 @@ pub struct ServerConfig {
     /// Memory all queries together may hold, in bytes; `None`: no limit.
     pub memory_limit: Option<usize>,
     pub limits: Limits,
+    /// `None`: plaintext HTTP/2, refused with users on a non-loopback address unless
+    /// `insecure_plaintext` (a TLS-terminating proxy in front, say).
+    pub tls: Option<ServerTls>,
+    pub insecure_plaintext: bool,
+}
+
+/// What a TLS server presents (PEM certificate chain and key) and, for mutual TLS, the CA
+/// every client certificate must chain to.
+pub struct ServerTls {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl ServerTls {
+    fn config(&self) -> ServerTlsConfig {
+        let config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .timeout(TLS_HANDSHAKE);
+        match &self.client_ca {
+            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
 }
 
 /// How much one query, one tenant and everyone together may ask at once.
@@ -107,7 +138,7 @@ impl Default for Limits {
 pub struct HedfFlightService {
     catalog: Catalog,
     users: Option<Arc<Directory>>,
-    tokens: Tokens,
+    tokens: Arc<Tokens>,
     max_upload_bytes: u64,
     query_timeout: Duration,
     queries: QueryAdmission,
@@ -128,7 +159,7 @@ impl HedfFlightService {
         Ok(HedfFlightService {
             catalog: Catalog::open(&config.data_dir, config.memory_limit)?,
             users: config.users,
-            tokens: Tokens::default(),
+            tokens: Arc::default(),
             max_upload_bytes: config.max_upload_bytes,
             query_timeout: limits.query_timeout,
             queries: QueryAdmission::new(limits.max_queries, limits.max_queries_per_tenant),
@@ -197,29 +228,16 @@ impl HedfFlightService {
         Ok(ok)
     }
 
-    /// The caller's tenant, from the bearer token the handshake issued.
+    /// The caller's tenant, as [`Access`] authenticated the call.
     #[allow(clippy::result_large_err)]
     fn tenant<T>(&self, request: &Request<T>) -> std::result::Result<Arc<Tenant>, Status> {
-        let user = match &self.users {
-            None => ANONYMOUS.to_string(),
-            Some(users) => {
-                let header = request
-                    .metadata()
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                let token = header.strip_prefix("Bearer ").ok_or_else(|| {
-                    status(
-                        ErrorKind::Unauthenticated,
-                        "missing bearer token: authenticate with the Flight handshake (Basic user:password)",
-                    )
-                })?;
-                self.tokens
-                    .user(token, &users.current())
-                    .ok_or_else(|| status(ErrorKind::Unauthenticated, "invalid or expired token"))?
-            }
-        };
-        self.catalog.tenant(&user).map_err(to_status)
+        let caller = request.extensions().get::<Caller>().ok_or_else(|| {
+            status(
+                ErrorKind::Unauthenticated,
+                "authenticate with the Flight handshake (Basic user:password)",
+            )
+        })?;
+        self.catalog.tenant(&caller.0).map_err(to_status)
     }
 
     /// FlightInfo for a statement: its result schema and a ticket carrying the SQL. A DROP
@@ -229,12 +247,14 @@ impl HedfFlightService {
         tenant: &Tenant,
         sql: &str,
         descriptor: FlightDescriptor,
+        audit: &Audit,
     ) -> Result<FlightInfo> {
         let schema = self
             .limited(tenant, async {
                 Ok(match plan(tenant, sql).await? {
                     Planned::Query { plan, .. } => Some(plan.schema().as_arrow().clone()),
                     Planned::DropTable { name, if_exists } => {
+                        audit.table(&name);
                         tenant.drop_table(&name, if_exists)?;
                         None
                     }
@@ -259,7 +279,12 @@ impl HedfFlightService {
 
     /// Runs a statement for DoGet: its result batches, ciphertext columns untouched. The
     /// query's admission and time limit last until its last batch is sent.
-    async fn statement_stream(&self, tenant: &Tenant, sql: &str) -> Result<FlightDataStream> {
+    async fn statement_stream(
+        &self,
+        tenant: &Tenant,
+        sql: &str,
+        audit: Arc<Audit>,
+    ) -> Result<FlightDataStream> {
         let (admitted, deadline) = self.admit(tenant).await?;
         let start = async {
             let Planned::Query { ctx, plan, tables } = plan(tenant, sql).await? else {
@@ -279,6 +304,9 @@ impl HedfFlightService {
         // The snapshot travels with the stream: the files it reads stay until it is done.
         let batches = stream.map(move |batch| {
             let _files = &tables;
+            if let Ok(batch) = &batch {
+                audit.add_rows(batch.num_rows());
+            }
             batch.map_err(|e| FlightError::Tonic(Box::new(to_status(HedfError::from(e)))))
         });
         Ok(until_deadline(
@@ -289,10 +317,11 @@ impl HedfFlightService {
         ))
     }
 
-    async fn update(&self, tenant: &Tenant, sql: &str) -> Result<i64> {
+    async fn update(&self, tenant: &Tenant, sql: &str, audit: &Audit) -> Result<i64> {
         self.limited(tenant, async {
             match plan(tenant, sql).await? {
                 Planned::DropTable { name, if_exists } => {
+                    audit.table(&name);
                     tenant.drop_table(&name, if_exists)?;
                     Ok(0)
                 }
@@ -342,19 +371,44 @@ pub async fn serve(
     bound: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    let tls = match &config.tls {
+        Some(tls) => Some(tls.config()),
+        None if config.users.is_some()
+            && !listen.ip().is_loopback()
+            && !config.insecure_plaintext =>
+        {
+            return Err(HedfError::Invalid(format!(
+                "refusing to take passwords in plaintext on {listen}: give --tls-cert and \
+                 --tls-key, or --insecure-plaintext if a TLS proxy in front terminates TLS"
+            )))
+        }
+        None => None,
+    };
     let service = HedfFlightService::new(config)?;
+    let access = Access {
+        users: service.users.clone(),
+        tokens: service.tokens.clone(),
+    };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(|e| {
+            HedfError::Invalid(format!("TLS certificate or key: {}", with_causes(&e)))
+        })?;
+    }
     let listener = tokio::net::TcpListener::bind(listen).await?;
     bound(listener.local_addr()?);
     let server = FlightServiceServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
+    builder
         .initial_stream_window_size(Some(WINDOW_BYTES))
         .initial_connection_window_size(Some(2 * WINDOW_BYTES))
         .max_concurrent_streams(Some(STREAMS_PER_CONNECTION))
         .http2_max_header_list_size(Some(HEADER_BYTES))
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE_ACK))
+        .layer(AuditLog)
+        .layer(access)
         .layer(TrackStreamEnd)
         .add_service(server)
         .serve_with_incoming_shutdown(
@@ -505,6 +559,7 @@ impl FlightSqlService for HedfFlightService {
         Status,
     > {
         let peer = request.remote_addr().map(|a| a.ip());
+        let audit = Audit::of(&request);
         let Some(users) = &self.users else {
             let output = futures::stream::iter(vec![Ok(HandshakeResponse::default())]);
             return Ok(Response::new(Box::pin(output)));
@@ -541,6 +596,8 @@ impl FlightSqlService for HedfFlightService {
             tracing::info!(rpc = "handshake", user, ?peer, "refused login");
             return Err(refused());
         }
+        // Only now: a name that failed may be a password typed in the wrong field.
+        audit.tenant(user);
         let token = self
             .tokens
             .issue(user, &users.current())
@@ -563,7 +620,8 @@ impl FlightSqlService for HedfFlightService {
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
         let tenant = self.tenant(&request)?;
-        self.statement_info(&tenant, &query.query, request.into_inner())
+        let audit = Audit::of(&request);
+        self.statement_info(&tenant, &query.query, request.into_inner(), &audit)
             .instrument(rpc_span("get_flight_info_statement", &tenant))
             .await
             .map(Response::new)
@@ -577,7 +635,8 @@ impl FlightSqlService for HedfFlightService {
     ) -> std::result::Result<Response<FlightInfo>, Status> {
         let tenant = self.tenant(&request)?;
         let sql = sql_text(&query.prepared_statement_handle)?.to_string();
-        self.statement_info(&tenant, &sql, request.into_inner())
+        let audit = Audit::of(&request);
+        self.statement_info(&tenant, &sql, request.into_inner(), &audit)
             .instrument(rpc_span("get_flight_info_prepared_statement", &tenant))
             .await
             .map(Response::new)
@@ -636,7 +695,7 @@ impl FlightSqlService for HedfFlightService {
     ) -> std::result::Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let tenant = self.tenant(&request)?;
         let sql = sql_text(&ticket.statement_handle)?;
-        self.statement_stream(&tenant, sql)
+        self.statement_stream(&tenant, sql, Audit::of(&request))
             .instrument(rpc_span("do_get_statement", &tenant))
             .await
             .map(Response::new)
@@ -650,7 +709,7 @@ impl FlightSqlService for HedfFlightService {
     ) -> std::result::Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let tenant = self.tenant(&request)?;
         let sql = sql_text(&query.prepared_statement_handle)?;
-        self.statement_stream(&tenant, sql)
+        self.statement_stream(&tenant, sql, Audit::of(&request))
             .instrument(rpc_span("do_get_prepared_statement", &tenant))
             .await
             .map(Response::new)
@@ -725,7 +784,7 @@ impl FlightSqlService for HedfFlightService {
         request: Request<PeekableFlightDataStream>,
     ) -> std::result::Result<i64, Status> {
         let tenant = self.tenant(&request)?;
-        self.update(&tenant, &command.query)
+        self.update(&tenant, &command.query, &Audit::of(&request))
             .instrument(rpc_span("do_put_statement_update", &tenant))
             .await
             .map_err(to_status)
@@ -738,10 +797,14 @@ impl FlightSqlService for HedfFlightService {
     ) -> std::result::Result<i64, Status> {
         let tenant = self.tenant(&request)?;
         let span = rpc_span("do_put_statement_ingest", &tenant);
-        ingest::ingest(tenant, command, request, self.max_upload_bytes)
+        let audit = Audit::of(&request);
+        audit.table(&command.table);
+        let rows = ingest::ingest(tenant, command, request, self.max_upload_bytes)
             .instrument(span)
             .await
-            .map_err(to_status)
+            .map_err(to_status)?;
+        audit.add_rows(rows.try_into().unwrap_or_default());
+        Ok(rows)
     }
 
     async fn do_put_prepared_statement_query(
@@ -771,7 +834,7 @@ impl FlightSqlService for HedfFlightService {
     ) -> std::result::Result<i64, Status> {
         let tenant = self.tenant(&request)?;
         let sql = sql_text(&command.prepared_statement_handle)?.to_string();
-        self.update(&tenant, &sql)
+        self.update(&tenant, &sql, &Audit::of(&request))
             .instrument(rpc_span("do_put_prepared_statement_update", &tenant))
             .await
             .map_err(to_status)

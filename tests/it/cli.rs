@@ -1,13 +1,13 @@
 //! The `hedf` command line as a user runs it: every subcommand, its output and its error exits.
 //! Decrypted answers are compared with plaintext DataFusion on the same rows.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::common::population::{aggregation_sql, population};
 use assert_cmd::Command;
-use common::population::{aggregation_sql, population};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 

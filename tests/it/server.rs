@@ -2,24 +2,24 @@
 //! `hedf::cli::remote::Remote` and `FlightSqlServiceClient` directly). Every decrypted answer is
 //! compared with plaintext DataFusion on the same rows.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::population::{aggregation_sql, population, YEARS};
+use crate::common::tables::{encrypted_population, key, measures, upload};
+use crate::common::values::all_values;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Decimal128Type, Field, Schema};
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::CommandGetPrimaryKeys;
-use common::population::{aggregation_sql, population, YEARS};
-use common::tables::{encrypted_population, key, measures, upload};
-use common::values::all_values;
 use datafusion::prelude::SessionContext;
 use futures::TryStreamExt;
 use hedf::cli::connection::Connection;
-use hedf::cli::remote::Remote;
+use hedf::cli::remote::{ClientTls, Remote};
 use hedf::cli::split;
 use hedf::crypto::client::{decrypt_batch, encrypt_batches};
 use hedf::crypto::keys::ClientKey;
@@ -54,7 +54,9 @@ impl Server {
     }
 
     async fn connect(&self, login: (&str, &str)) -> Remote {
-        Remote::connect(&self.url, Some(login)).await.unwrap()
+        Remote::connect(&self.url, Some(login), &ClientTls::default())
+            .await
+            .unwrap()
     }
 
     /// arrow-flight's own Flight SQL client, logged in as `login`.
@@ -88,7 +90,12 @@ fn values(batches: &[RecordBatch], keys: usize) -> Vec<Vec<Option<i128>>> {
 }
 
 /// Decrypted he_sum results of `over` from the server vs plaintext SUM of `factor` copies.
-async fn assert_exact(remote: &mut Remote, plain: &SessionContext, over: &str, factor: i128) {
+pub(crate) async fn assert_exact(
+    remote: &mut Remote,
+    plain: &SessionContext,
+    over: &str,
+    factor: i128,
+) {
     let (_, got) = remote
         .query(&aggregation_sql("population", over, "he_sum").unwrap())
         .await
@@ -124,9 +131,10 @@ async fn seed_demo_replays_over_flight_sql() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]);
     let mut out = Vec::new();
-    let mut remote = hedf::cli::connection::Connection::remote(&server.url, Some(ALICE))
-        .await
-        .unwrap();
+    let mut remote =
+        hedf::cli::connection::Connection::remote(&server.url, Some(ALICE), &ClientTls::default())
+            .await
+            .unwrap();
     hedf::cli::demo::run(&mut remote, &mut out).await.unwrap();
     let out = String::from_utf8(out).unwrap();
     common::assert_seed_rows_reproduced(&out);
@@ -152,7 +160,9 @@ async fn plain_sql_is_split_between_server_and_client() {
     reference
         .register_table("population", Arc::new(table))
         .unwrap();
-    let mut connection = Connection::remote(&server.url, Some(ALICE)).await.unwrap();
+    let mut connection = Connection::remote(&server.url, Some(ALICE), &ClientTls::default())
+        .await
+        .unwrap();
     let options = UploadOptions::default();
     let batches = enc.into_iter().map(Ok);
     connection
@@ -337,17 +347,19 @@ async fn errors_map_to_grpc_codes_and_tenants_are_isolated() {
     assert_eq!(code(&e), "AlreadyExists", "{e}");
 
     // Authentication.
-    let e = Remote::connect(&server.url, Some(("alice", "wrong")))
+    let e = Remote::connect(&server.url, Some(("alice", "wrong")), &ClientTls::default())
         .await
         .err()
         .unwrap();
     assert_eq!(code(&e), "Unauthenticated", "{e}");
-    let e = Remote::connect(&server.url, Some(("mallory", "x")))
+    let e = Remote::connect(&server.url, Some(("mallory", "x")), &ClientTls::default())
         .await
         .err()
         .unwrap();
     assert_eq!(code(&e), "Unauthenticated", "{e}");
-    let mut anonymous = Remote::connect(&server.url, None).await.unwrap();
+    let mut anonymous = Remote::connect(&server.url, None, &ClientTls::default())
+        .await
+        .unwrap();
     let e = anonymous.query("SELECT 1").await.unwrap_err();
     assert_eq!(code(&e), "Unauthenticated", "{e}");
 
@@ -603,7 +615,9 @@ async fn kill_9_during_a_large_ingest_leaves_the_old_table() {
     let endless = futures::stream::iter(std::iter::repeat(enc[0].clone()).map(Ok));
     let url = server.url.clone();
     let uploading = tokio::spawn(async move {
-        let mut remote = Remote::connect(&url, Some(ALICE)).await.unwrap();
+        let mut remote = Remote::connect(&url, Some(ALICE), &ClientTls::default())
+            .await
+            .unwrap();
         remote
             .upload(
                 "population",
@@ -665,7 +679,9 @@ async fn sixteen_readers_and_two_writers_at_once_all_exact() {
     for i in 0..16 {
         let (url, plain) = (server.url.clone(), plain.clone());
         tasks.push(tokio::spawn(async move {
-            let mut remote = Remote::connect(&url, Some(ALICE)).await.unwrap();
+            let mut remote = Remote::connect(&url, Some(ALICE), &ClientTls::default())
+                .await
+                .unwrap();
             let mut n = 0;
             while Instant::now() < until {
                 assert_exact(&mut remote, &plain, ["AREA", "AGE GROUP", "SEX"][i % 3], 1).await;
@@ -677,7 +693,9 @@ async fn sixteen_readers_and_two_writers_at_once_all_exact() {
     for _ in 0..2 {
         let (url, schema, enc) = (server.url.clone(), schema.clone(), enc.clone());
         tasks.push(tokio::spawn(async move {
-            let mut remote = Remote::connect(&url, Some(ALICE)).await.unwrap();
+            let mut remote = Remote::connect(&url, Some(ALICE), &ClientTls::default())
+                .await
+                .unwrap();
             let mut n = 0;
             while Instant::now() < until {
                 // Replacing with the same rows: readers must always see one whole copy.
@@ -838,11 +856,19 @@ async fn sighup_reloads_the_users_file() {
     std::fs::write(&file, line(ALICE) + &bob_line).unwrap();
     let data = dir.path().join("data");
     let server = common::Server::start(&data, &["--users-file", file.to_str().unwrap()]);
-    let mut alice = Remote::connect(&server.url, Some(ALICE)).await.unwrap();
-    let mut bob = Remote::connect(&server.url, Some(BOB)).await.unwrap();
+    let mut alice = Remote::connect(&server.url, Some(ALICE), &ClientTls::default())
+        .await
+        .unwrap();
+    let mut bob = Remote::connect(&server.url, Some(BOB), &ClientTls::default())
+        .await
+        .unwrap();
     assert!(alice.query("SELECT 1").await.is_ok());
     let carol = ("carol", "carol-secret");
-    assert!(Remote::connect(&server.url, Some(carol)).await.is_err());
+    assert!(
+        Remote::connect(&server.url, Some(carol), &ClientTls::default())
+            .await
+            .is_err()
+    );
 
     let hangup = |server: &common::Server| {
         let status = std::process::Command::new("kill")
@@ -866,13 +892,15 @@ async fn sighup_reloads_the_users_file() {
         }
     };
     assert_eq!(e.kind(), hedf::ErrorKind::Unauthenticated, "{e}");
-    let e = Remote::connect(&server.url, Some(ALICE))
+    let e = Remote::connect(&server.url, Some(ALICE), &ClientTls::default())
         .await
         .err()
         .unwrap();
     assert_eq!(e.kind(), hedf::ErrorKind::Unauthenticated, "{e}");
     assert!(bob.query("SELECT 1").await.is_ok());
-    let mut carol_remote = Remote::connect(&server.url, Some(carol)).await.unwrap();
+    let mut carol_remote = Remote::connect(&server.url, Some(carol), &ClientTls::default())
+        .await
+        .unwrap();
 
     // Bob's new password ends his tokens.
     std::fs::write(&file, line((BOB.0, "bob-new")) + &carol_line).unwrap();
@@ -885,7 +913,7 @@ async fn sighup_reloads_the_users_file() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut bob = Remote::connect(&server.url, Some((BOB.0, "bob-new")))
+    let mut bob = Remote::connect(&server.url, Some((BOB.0, "bob-new")), &ClientTls::default())
         .await
         .unwrap();
 
@@ -895,5 +923,9 @@ async fn sighup_reloads_the_users_file() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(carol_remote.query("SELECT 1").await.is_ok());
     assert!(bob.query("SELECT 1").await.is_ok());
-    assert!(Remote::connect(&server.url, Some(carol)).await.is_ok());
+    assert!(
+        Remote::connect(&server.url, Some(carol), &ClientTls::default())
+            .await
+            .is_ok()
+    );
 }

@@ -1,16 +1,16 @@
 //! End-to-end tests of the engine: decrypted results against plaintext DataFusion on the same
 //! rows, the seed's tables, and every refusal the engine promises.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, OnceLock};
 
+use crate::common::values::all_values;
 use arrow::array::{
     Array, ArrayRef, AsArray, Decimal128Array, FixedSizeBinaryArray, Int64Array, RecordBatch,
     StringArray,
 };
 use arrow::datatypes::Decimal128Type;
-use common::values::all_values;
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::prelude::{SessionConfig, SessionContext};

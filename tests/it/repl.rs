@@ -2,16 +2,14 @@
 //! answered with decrypted numbers, `\d`, `\timing`, Ctrl-C during a long query (the session
 //! survives), `\q`; the history file keeps the statements.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::population::population;
 use arrow::array::AsArray;
 use arrow::datatypes::Decimal128Type;
-use common::population::population;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 

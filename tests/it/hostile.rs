@@ -2,13 +2,15 @@
 //! test against a real server process on loopback: the attack fails with a clear error, the
 //! server stays up, and nobody's stored data changes.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::population::{population, YEARS};
+use crate::common::tables::{encrypted_population, key, upload};
 use arrow::array::{
     Array, ArrayRef, AsArray, BinaryArray, DictionaryArray, Int32Array, ListArray, RecordBatch,
     StructArray,
@@ -18,10 +20,8 @@ use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::flight_service_client::FlightServiceClient;
 use arrow_flight::sql::{CommandStatementIngest, ProstMessageExt};
 use arrow_flight::{FlightData, FlightDescriptor, HandshakeRequest};
-use common::population::{population, YEARS};
-use common::tables::{encrypted_population, key, upload};
 use futures::{StreamExt, TryStreamExt};
-use hedf::cli::remote::{table_options, Remote};
+use hedf::cli::remote::{table_options, ClientTls, Remote};
 use hedf::crypto::client::{decrypt_batch, MeasureColumn};
 use hedf::crypto::keys::ClientKey;
 use hedf::protocol::{IngestMode, UploadOptions};
@@ -38,7 +38,9 @@ fn start(dir: &Path, extra: &[&str]) -> common::Server {
 }
 
 async fn connect(server: &common::Server, login: (&str, &str)) -> Remote {
-    Remote::connect(&server.url, Some(login)).await.unwrap()
+    Remote::connect(&server.url, Some(login), &ClientTls::default())
+        .await
+        .unwrap()
 }
 
 async fn create_population(remote: &mut Remote, table: &str) {
@@ -391,6 +393,65 @@ async fn put_then_reset(url: &str, token: &str, messages: Vec<FlightData>, reaso
     stream.send_reset(reason);
     tokio::time::sleep(Duration::from_millis(300)).await;
     driver.abort();
+}
+
+/// The gRPC status of a DoPut whose only message announces 48 MiB and stops after 1 KiB, sent
+/// with `authorization` (or none), if the server answers within 5 s.
+async fn stalled_put_status(url: &str, authorization: Option<&str>) -> Option<String> {
+    let addr = url.trim_start_matches("http://");
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri(format!("{url}/arrow.flight.protocol.FlightService/DoPut"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(value) = authorization {
+        request = request.header("authorization", value);
+    }
+    let (response, mut stream) = client
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request.body(()).unwrap(), false)
+        .unwrap();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(48u32 << 20).to_be_bytes());
+    frame.extend_from_slice(&[0u8; 1024]);
+    stream.send_data(frame.into(), false).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .ok()
+        .map(|r| {
+            let r = r.unwrap();
+            r.headers()["grpc-status"].to_str().unwrap().to_string()
+        });
+    driver.abort();
+    status
+}
+
+/// An anonymous DoPut was decoded before anyone asked who sent it: Flight SQL peeks at the
+/// first message to route the call, so 16 stalled 56 MiB messages held 900 MiB. A call without
+/// a live token is now refused from its headers, before its body is read.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_without_a_login_are_refused_before_their_body_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let basic = format!(
+        "Basic {}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            "alice:alice-secret"
+        )
+    );
+    for authorization in [None, Some("Bearer 00ff"), Some(basic.as_str())] {
+        let status = stalled_put_status(&server.url, authorization).await;
+        assert_eq!(status.as_deref(), Some("16"), "{authorization:?}");
+    }
+    // A logged-in caller's message is read: the server waits for the rest of it.
+    let (_, token) = raw_client(&server.url, ALICE).await;
+    assert_eq!(stalled_put_status(&server.url, Some(&token)).await, None);
 }
 
 /// A cancelled upload (tonic reports a stream reset with CANCEL as a clean end) and one whose
@@ -1009,7 +1070,7 @@ async fn the_store_is_private_and_passwords_are_not_empty() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("empty password"), "{stderr}");
-    let e = Remote::connect(&server.url, Some(("alice", "")))
+    let e = Remote::connect(&server.url, Some(("alice", "")), &ClientTls::default())
         .await
         .err()
         .unwrap();

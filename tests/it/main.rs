@@ -1,0 +1,16 @@
+//! The integration tests, in one binary: every test binary links DataFusion and tfhe, so one
+//! binary instead of six saves minutes of each cold build. `cargo test --test it server::`
+//! runs one module.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod adbc;
+mod cli;
+mod engine;
+mod fuzz;
+mod hostile;
+mod network;
+mod repl;
+mod server;
+mod soak;

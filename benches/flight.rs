@@ -3,6 +3,9 @@
 //! the client's split: SUM, which the server runs as written, and AVG, which the client
 //! finishes), ingest throughput and result size.
 //!
+//! Then a login flood: 4 tasks guess one user's password for 10 s while another user's
+//! `SELECT 1` is timed.
+//!
 //! cargo bench --bench flight                  (ingest of 10^6 rows x 5 measures)
 //! HEDF_BENCH_ROWS=100000 cargo bench --bench flight
 
@@ -17,7 +20,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
 use arrow::ipc::CompressionType;
 use hedf::cli::connection::Connection;
-use hedf::cli::remote::Remote;
+use hedf::cli::remote::{ClientTls, Remote};
 use hedf::cli::split;
 use hedf::crypto::client::{decrypt_batch, encrypt_batches, MeasureColumn};
 use hedf::crypto::keys::ClientKey;
@@ -97,6 +100,8 @@ async fn main() {
         max_upload_bytes: u64::MAX,
         memory_limit: None,
         limits: Limits::default(),
+        tls: None,
+        insecure_plaintext: false,
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(hedf::server::flight::serve(
@@ -106,9 +111,13 @@ async fn main() {
         std::future::pending(),
     ));
     let url = format!("http://{}", addr_rx.await.unwrap());
-    let mut remote = Remote::connect(&url, None).await.unwrap();
+    let mut remote = Remote::connect(&url, None, &ClientTls::default())
+        .await
+        .unwrap();
     let key = Arc::new(ClientKey::generate());
-    let connection = Connection::remote(&url, None).await.unwrap();
+    let connection = Connection::remote(&url, None, &ClientTls::default())
+        .await
+        .unwrap();
     let measures: Vec<MeasureColumn> = YEARS.iter().map(|y| MeasureColumn::new(*y, 1)).collect();
 
     // The seed's three aggregations over the 152-row table.
@@ -235,5 +244,89 @@ async fn main() {
         "  stored Parquet: {:.1} MB ({:.2} B/value)",
         stored as f64 / 1e6,
         stored as f64 / (rows * 5) as f64
+    );
+    login_flood().await;
+}
+
+/// 4 tasks send wrong passwords for alice for 10 s; bob, logged in before, runs `SELECT 1`
+/// meanwhile. Prints how many guesses the server checked and bob's latency.
+async fn login_flood() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut users = hedf::server::flight::auth::Users::default();
+    users.add("alice", "alice-secret").unwrap();
+    users.add("bob", "bob-secret").unwrap();
+    let config = ServerConfig {
+        data_dir: dir.path().to_path_buf(),
+        users: Some(Arc::new(hedf::server::flight::auth::Directory::new(users))),
+        max_upload_bytes: u64::MAX,
+        memory_limit: None,
+        limits: Limits::default(),
+        tls: None,
+        insecure_plaintext: false,
+    };
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(hedf::server::flight::serve(
+        config,
+        "127.0.0.1:0".parse().unwrap(),
+        move |addr| addr_tx.send(addr).unwrap(),
+        std::future::pending(),
+    ));
+    let url = format!("http://{}", addr_rx.await.unwrap());
+    let tls = ClientTls::default();
+    let mut bob = Remote::connect(&url, Some(("bob", "bob-secret")), &tls)
+        .await
+        .unwrap();
+    let mut quiet = Vec::new();
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        bob.query("SELECT 1").await.unwrap();
+        quiet.push(t.elapsed());
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    let guessers: Vec<_> = (0..4)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let (mut checked, mut refused) = (0, 0);
+                for n in 0.. {
+                    if Instant::now() >= until {
+                        break;
+                    }
+                    let guess = format!("guess-{i}-{n}");
+                    match Remote::connect(&url, Some(("alice", &guess)), &ClientTls::default())
+                        .await
+                    {
+                        Err(e) if e.kind() == hedf::ErrorKind::Unauthenticated => checked += 1,
+                        Err(_) => refused += 1,
+                        Ok(_) => panic!("a guess logged in"),
+                    }
+                }
+                (checked, refused)
+            })
+        })
+        .collect();
+    let mut flood = Vec::new();
+    while Instant::now() < until {
+        let t = Instant::now();
+        bob.query("SELECT 1").await.unwrap();
+        flood.push(t.elapsed());
+    }
+    let (mut checked, mut refused) = (0, 0);
+    for g in guessers {
+        let (c, r) = g.await.unwrap();
+        checked += c;
+        refused += r;
+    }
+    flood.sort();
+    let p99 = flood[flood.len() * 99 / 100];
+    println!();
+    println!("login flood: 4 tasks x 10 s of wrong passwords for one user");
+    println!("  guesses checked (Argon2 ran): {checked}; refused by backoff: {refused}");
+    println!(
+        "  another user's SELECT 1: median {:.2} ms (quiet: {:.2} ms), p99 {:.2} ms, {} runs",
+        median(flood.clone()).as_secs_f64() * 1e3,
+        median(quiet).as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        flood.len()
     );
 }

@@ -25,6 +25,7 @@ use hedf::cli::split;
 use hedf::crypto::client::{decrypt_batch, encrypt_batches, MeasureColumn};
 use hedf::crypto::keys::ClientKey;
 use hedf::protocol::{IngestMode, UploadOptions};
+use hedf::server::flight::auth::{Directory, Users};
 use hedf::server::flight::{Limits, ServerConfig};
 use population::{aggregation_sql, population, YEARS};
 
@@ -87,16 +88,12 @@ fn generated(rows: usize) -> Vec<RecordBatch> {
         .collect()
 }
 
-#[tokio::main]
-async fn main() {
-    let rows: usize = std::env::var("HEDF_BENCH_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let dir = tempfile::tempdir().unwrap();
+/// A server on `dir` in this process, on an ephemeral loopback port; its URL. Without users,
+/// authentication is off.
+async fn serve(dir: &std::path::Path, users: Option<Users>) -> String {
     let config = ServerConfig {
-        data_dir: dir.path().to_path_buf(),
-        users: None,
+        data_dir: dir.to_path_buf(),
+        users: users.map(|u| Arc::new(Directory::new(u))),
         max_upload_bytes: u64::MAX,
         memory_limit: None,
         limits: Limits::default(),
@@ -110,7 +107,17 @@ async fn main() {
         move |addr| addr_tx.send(addr).unwrap(),
         std::future::pending(),
     ));
-    let url = format!("http://{}", addr_rx.await.unwrap());
+    format!("http://{}", addr_rx.await.unwrap())
+}
+
+#[tokio::main]
+async fn main() {
+    let rows: usize = std::env::var("HEDF_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let url = serve(dir.path(), None).await;
     let mut remote = Remote::connect(&url, None, &ClientTls::default())
         .await
         .unwrap();
@@ -252,26 +259,10 @@ async fn main() {
 /// meanwhile. Prints how many guesses the server checked and bob's latency.
 async fn login_flood() {
     let dir = tempfile::tempdir().unwrap();
-    let mut users = hedf::server::flight::auth::Users::default();
+    let mut users = Users::default();
     users.add("alice", "alice-secret").unwrap();
     users.add("bob", "bob-secret").unwrap();
-    let config = ServerConfig {
-        data_dir: dir.path().to_path_buf(),
-        users: Some(Arc::new(hedf::server::flight::auth::Directory::new(users))),
-        max_upload_bytes: u64::MAX,
-        memory_limit: None,
-        limits: Limits::default(),
-        tls: None,
-        insecure_plaintext: false,
-    };
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(hedf::server::flight::serve(
-        config,
-        "127.0.0.1:0".parse().unwrap(),
-        move |addr| addr_tx.send(addr).unwrap(),
-        std::future::pending(),
-    ));
-    let url = format!("http://{}", addr_rx.await.unwrap());
+    let url = serve(dir.path(), Some(users)).await;
     let tls = ClientTls::default();
     let mut bob = Remote::connect(&url, Some(("bob", "bob-secret")), &tls)
         .await

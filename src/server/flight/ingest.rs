@@ -207,9 +207,17 @@ const MAX_DECODED_MESSAGE_BYTES: u64 = 256 << 20;
 /// anything.
 fn decoded_body_bytes(header: &[u8], body: &[u8]) -> std::result::Result<u64, String> {
     if header.is_empty() {
-        return Ok(body.len() as u64);
+        if !body.is_empty() {
+            return Err("a message body without a header".into());
+        }
+        return Ok(0);
     }
     let message = arrow::ipc::root_as_message(header).map_err(|e| e.to_string())?;
+    // arrow-flight passes a header of type NONE over as if it were metadata only: a batch
+    // whose type byte was damaged would vanish from the upload without a word.
+    if message.header_type() == arrow::ipc::MessageHeader::NONE {
+        return Err("a message header of no type".into());
+    }
     let batch = match message.header_type() {
         arrow::ipc::MessageHeader::RecordBatch => message.header_as_record_batch(),
         arrow::ipc::MessageHeader::DictionaryBatch => {

@@ -13,14 +13,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, FixedSizeBinaryArray, LargeBinaryArray};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema};
 use arrow::record_batch::RecordBatch;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::sql::{CommandStatementIngest, DoPutUpdateResult, ProstMessageExt};
 use arrow_flight::{FlightData, FlightDescriptor, HandshakeRequest};
 use futures::TryStreamExt;
 use hedf::cli::connection::Connection;
-use hedf::cli::remote::table_options;
+use hedf::cli::remote::{table_options, ClientTls, Remote};
 use hedf::crypto::cell::{CellRef, ColumnMarking, SumRef};
 use hedf::crypto::client::decrypt_batch;
 use hedf::crypto::keys::ClientKey;
@@ -449,35 +449,28 @@ fn flight_uploads() {
         })
         .unwrap();
     // The server still answers, every stored table whole.
-    let alive = runtime.block_on(async {
-        let mut remote = hedf::cli::remote::Remote::connect(
+    let stored = runtime.block_on(async {
+        let mut remote = Remote::connect(
             &server.url,
             Some(("alice", "alice-secret")),
-            &hedf::cli::remote::ClientTls::default(),
+            &ClientTls::default(),
         )
         .await
         .unwrap();
-        remote.tables().await.unwrap()
+        let mut stored = HashMap::new();
+        for (name, _) in remote.tables().await.unwrap() {
+            let sql = format!("SELECT COUNT(*) FROM {name}");
+            let (_, batches) = remote.query(&sql).await.unwrap();
+            let rows = batches[0].column(0).as_primitive::<Int64Type>().value(0);
+            stored.insert(name, rows);
+        }
+        stored
     });
-    for (name, _) in alive {
-        let rows = runtime.block_on(async {
-            let mut remote = hedf::cli::remote::Remote::connect(
-                &server.url,
-                Some(("alice", "alice-secret")),
-                &hedf::cli::remote::ClientTls::default(),
-            )
-            .await
-            .unwrap();
-            remote.query(&format!("SELECT COUNT(*) FROM {name}")).await
-        });
-        let (_, batches) = rows.unwrap();
-        let n = batches[0]
-            .column(0)
-            .as_primitive::<arrow::datatypes::Int64Type>()
-            .value(0);
+    assert!(!stored.is_empty(), "no upload was accepted");
+    for (name, rows) in &stored {
         assert_eq!(
-            Some(&n),
-            reported.lock().unwrap().get(&name),
+            Some(rows),
+            reported.lock().unwrap().get(name),
             "table {name}"
         );
     }

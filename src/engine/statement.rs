@@ -41,6 +41,8 @@ pub enum Planned {
         ctx: Box<SessionContext>,
         plan: LogicalPlan,
         tables: Arc<Tables>,
+        /// The tables it reads, by name, sorted: for audit lines.
+        reads: Vec<String>,
     },
     DropTable {
         name: String,
@@ -85,10 +87,14 @@ pub async fn plan(tenant: &Tenant, sql: &str) -> Result<Planned> {
     let ctx = tenant_context(providers, store, partitions, tenant.memory_pool().clone())?;
     let plan = ctx.state().statement_to_plan(statement).await?;
     refuse_side_effects(&plan)?;
+    let mut reads: Vec<String> = read.into_iter().map(|(name, _)| name).collect();
+    reads.sort();
+    reads.dedup();
     Ok(Planned::Query {
         ctx: Box::new(ctx),
         plan,
         tables,
+        reads,
     })
 }
 
@@ -224,7 +230,9 @@ pub fn own_table(reference: &TableReference) -> Result<String> {
 /// `DROP TABLE`.
 pub async fn run(tenant: &Tenant, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
     match plan(tenant, sql).await? {
-        Planned::Query { ctx, plan, tables } => {
+        Planned::Query {
+            ctx, plan, tables, ..
+        } => {
             let frame = ctx.execute_logical_plan(plan).await?;
             let schema = Arc::new(frame.schema().as_arrow().clone());
             let batches = frame.collect().await?;

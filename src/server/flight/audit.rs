@@ -1,6 +1,6 @@
 //! The audit log: one structured line per RPC (tracing target `hedf::audit`), written when the
 //! call ends: answered, refused, or abandoned by its client. It says who (tenant), what (RPC,
-//! and the table of an upload or DROP), how much (rows, bytes in and out), how long and with
+//! and the table of an upload or DROP, or the tables a query reads), how much (rows, bytes in and out), how long and with
 //! which gRPC status code. It never carries SQL, values, keys, passwords or tokens.
 //!
 //! The layer counts bytes and reads the status from the response itself, so every call is
@@ -43,7 +43,8 @@ impl Audit {
         let _ = self.tenant.set(name.to_string());
     }
 
-    /// Names are the caller's words: at most 128 characters of one go to the log (and every
+    /// The table a call touches (several: comma-separated). Names are the caller's words: at
+    /// most 128 characters of one go to the log (and every
     /// text field is written quoted, so none can pose as another field).
     pub fn table(&self, name: &str) {
         let _ = self.table.set(name.chars().take(128).collect());

@@ -252,7 +252,10 @@ impl HedfFlightService {
         let schema = self
             .limited(tenant, async {
                 Ok(match plan(tenant, sql).await? {
-                    Planned::Query { plan, .. } => Some(plan.schema().as_arrow().clone()),
+                    Planned::Query { plan, reads, .. } => {
+                        audit.table(&reads.join(","));
+                        Some(plan.schema().as_arrow().clone())
+                    }
                     Planned::DropTable { name, if_exists } => {
                         audit.table(&name);
                         tenant.drop_table(&name, if_exists)?;
@@ -287,11 +290,18 @@ impl HedfFlightService {
     ) -> Result<FlightDataStream> {
         let (admitted, deadline) = self.admit(tenant).await?;
         let start = async {
-            let Planned::Query { ctx, plan, tables } = plan(tenant, sql).await? else {
+            let Planned::Query {
+                ctx,
+                plan,
+                tables,
+                reads,
+            } = plan(tenant, sql).await?
+            else {
                 return Err(HedfError::Invalid(
                     "this statement returns no rows; run it with executeUpdate".into(),
                 ));
             };
+            audit.table(&reads.join(","));
             let stream: SendableRecordBatchStream = ctx
                 .execute_logical_plan(plan)
                 .await?

@@ -26,7 +26,7 @@ use hedf::crypto::client::{decrypt_batch, encrypt_batches, MeasureColumn};
 use hedf::crypto::keys::ClientKey;
 use hedf::protocol::{IngestMode, UploadOptions};
 use hedf::server::flight::auth::{Directory, Users};
-use hedf::server::flight::{Limits, ServerConfig};
+use hedf::server::flight::{ConnectionLimits, Limits, ServerConfig};
 use population::{aggregation_sql, population, YEARS};
 
 const RUNS: usize = 50;
@@ -97,6 +97,7 @@ async fn serve(dir: &std::path::Path, users: Option<Users>) -> String {
         max_upload_bytes: u64::MAX,
         memory_limit: None,
         limits: Limits::default(),
+        connections: ConnectionLimits::default(),
         tls: None,
         insecure_plaintext: false,
     };

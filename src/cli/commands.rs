@@ -20,7 +20,7 @@ use crate::error::{HedfError, Result};
 use crate::protocol::{IngestMode, UploadOptions};
 use crate::server::catalog::plaintext_warnings;
 use crate::server::flight::auth::{hash_password, Directory, Users};
-use crate::server::flight::{Limits, ServerConfig, ServerTls};
+use crate::server::flight::{ConnectionLimits, Limits, ServerConfig, ServerTls};
 use crate::table::files;
 
 #[derive(Parser)]
@@ -154,6 +154,26 @@ enum Command {
         /// Queries one user may run at once (queued like --max-concurrent-queries).
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
         max_queries_per_user: u32,
+        /// Connections held at once; past it a new connection evicts the oldest one not yet
+        /// served a call, or is closed at once if every connection has been.
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+        max_connections: u32,
+        /// Connections one peer (an IPv4 address, an IPv6 /64) may hold at once; 0: no
+        /// per-peer limit (every client behind one proxy or NAT).
+        #[arg(long, default_value_t = 64)]
+        max_connections_per_peer: u32,
+        /// A connection not served a call (a successful login, or an authenticated call)
+        /// this many seconds after it was accepted is closed (a login in progress may take up
+        /// to 15 s more).
+        #[arg(long, default_value_t = 10.0, value_parser = parse_seconds)]
+        first_call_timeout: f64,
+        /// A connection with no call open for this many seconds is closed.
+        #[arg(long, default_value_t = 300.0, value_parser = parse_seconds)]
+        idle_timeout: f64,
+        /// A connection older than this many seconds is asked to reconnect (HTTP/2 GOAWAY);
+        /// its open calls get --query-timeout more to finish before it is cut.
+        #[arg(long, default_value_t = 3600.0, value_parser = parse_seconds)]
+        max_connection_age: f64,
         /// PEM certificate chain to serve TLS with (with --tls-key).
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -395,6 +415,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             query_timeout,
             max_concurrent_queries,
             max_queries_per_user,
+            max_connections,
+            max_connections_per_peer,
+            first_call_timeout,
+            idle_timeout,
+            max_connection_age,
             tls_cert,
             tls_key,
             tls_client_ca,
@@ -417,6 +442,14 @@ pub async fn run(cli: Cli) -> Result<()> {
                     query_timeout: Duration::from_secs_f64(query_timeout),
                     max_queries: max_concurrent_queries as usize,
                     max_queries_per_tenant: max_queries_per_user as usize,
+                },
+                connections: ConnectionLimits {
+                    total: max_connections as usize,
+                    per_peer: (max_connections_per_peer > 0)
+                        .then_some(max_connections_per_peer as usize),
+                    first_call: Duration::from_secs_f64(first_call_timeout),
+                    idle: Duration::from_secs_f64(idle_timeout),
+                    max_age: Duration::from_secs_f64(max_connection_age),
                 },
                 tls,
                 insecure_plaintext,

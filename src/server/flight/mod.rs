@@ -7,6 +7,7 @@
 mod access;
 mod audit;
 pub mod auth;
+mod connections;
 mod ingest;
 mod status;
 mod stream_end;
@@ -58,6 +59,8 @@ use crate::server::catalog::{Catalog, Tenant};
 use access::{Access, Caller};
 use audit::{Audit, AuditLog};
 use auth::{Directory, Tokens, MAX_USER_NAME_BYTES};
+pub use connections::ConnectionLimits;
+use connections::{Connections, CountCalls, Link};
 use status::status;
 pub use status::to_status;
 use stream_end::TrackStreamEnd;
@@ -78,6 +81,8 @@ const LOGIN_QUEUE: usize = 256;
 const LOGIN_QUEUE_WAIT: Duration = Duration::from_secs(10);
 /// A peer that has not finished its TLS handshake by then is dropped.
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+/// How long a login may take on a connection that has none yet: the queue wait, then Argon2.
+const LOGIN_TIME: Duration = Duration::from_secs(15);
 
 /// How a server runs.
 pub struct ServerConfig {
@@ -89,6 +94,7 @@ pub struct ServerConfig {
     /// Memory all queries together may hold, in bytes; `None`: no limit.
     pub memory_limit: Option<usize>,
     pub limits: Limits,
+    pub connections: ConnectionLimits,
     /// `None`: plaintext HTTP/2, refused with users on a non-loopback address unless
     /// `insecure_plaintext` (a TLS-terminating proxy in front, say).
     pub tls: Option<ServerTls>,
@@ -203,7 +209,7 @@ impl HedfFlightService {
         password: &str,
         peer: Option<std::net::IpAddr>,
     ) -> Result<bool> {
-        let attempt = self
+        let mut attempt = self
             .logins
             .attempt(user, peer, std::time::Instant::now())
             .map_err(|wait| {
@@ -213,6 +219,7 @@ impl HedfFlightService {
                 ))
             })?;
         let permit = self.argon2.enter(Instant::now() + LOGIN_QUEUE_WAIT).await?;
+        attempt.checking();
         let (users, name, password) = (users.current(), user.to_string(), password.to_string());
         let ok = tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -394,6 +401,14 @@ pub async fn serve(
         }
         None => None,
     };
+    // Past its maximum age a connection gets GOAWAY from tonic (given no grace, which would
+    // make tonic cut it without one); the cut after the grace is the connection's own.
+    let max_age = config.connections.max_age;
+    let connections = Connections::new(
+        config.connections.clone(),
+        LOGIN_TIME,
+        config.limits.query_timeout,
+    );
     let service = HedfFlightService::new(config)?;
     let access = Access {
         users: service.users.clone(),
@@ -417,14 +432,18 @@ pub async fn serve(
         .http2_max_header_list_size(Some(HEADER_BYTES))
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE_ACK))
+        .max_connection_age(max_age)
         .layer(AuditLog)
         .layer(access)
+        .layer(CountCalls)
         .layer(TrackStreamEnd)
         .add_service(server)
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(KEEPALIVE)),
+            connections.guard(
+                TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(KEEPALIVE)),
+            ),
             shutdown,
         )
         .await
@@ -568,7 +587,10 @@ impl FlightSqlService for HedfFlightService {
         >,
         Status,
     > {
-        let peer = request.remote_addr().map(|a| a.ip());
+        let peer = request
+            .extensions()
+            .get::<Link>()
+            .map(|link| link.remote.ip());
         let audit = Audit::of(&request);
         let Some(users) = &self.users else {
             let output = futures::stream::iter(vec![Ok(HandshakeResponse::default())]);

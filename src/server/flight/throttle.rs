@@ -11,6 +11,8 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::connections::peer_of;
+
 /// Failed logins without a wait: per user name, and per peer (a NAT or a proxy may hide many
 /// users).
 const FREE_PER_USER: u32 = 5;
@@ -35,13 +37,7 @@ enum Subject {
 
 impl Subject {
     fn peer(ip: IpAddr) -> Subject {
-        Subject::Peer(match ip {
-            IpAddr::V4(_) => ip,
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
-            },
-        })
+        Subject::Peer(peer_of(ip))
     }
 
     /// Free failures and logins in flight.
@@ -105,11 +101,14 @@ fn wait(failures: u32, free: u32) -> Duration {
     }
 }
 
-/// A login being checked; tell it how the check ended. Dropped without an outcome (the
-/// caller went away, the server was too busy), it counts as nothing.
+/// A login being checked; tell it how the check ended. Dropped without an outcome before
+/// [`Attempt::checking`] (the server was too busy, the caller went away while queued), it
+/// counts as nothing; after it, as a failure: a caller must not get free guesses by
+/// cancelling its logins once their passwords are being checked.
 pub struct Attempt<'a> {
     throttle: &'a LoginThrottle,
     subjects: Vec<Subject>,
+    checking: bool,
 }
 
 impl LoginThrottle {
@@ -145,11 +144,17 @@ impl LoginThrottle {
         Ok(Attempt {
             throttle: self,
             subjects,
+            checking: false,
         })
     }
 }
 
 impl Attempt<'_> {
+    /// The password is being checked from now on.
+    pub fn checking(&mut self) {
+        self.checking = true;
+    }
+
     /// The password was wrong: every subject's failures grow.
     pub fn failed(mut self, now: Instant) {
         let subjects = std::mem::take(&mut self.subjects);
@@ -173,7 +178,13 @@ impl Attempt<'_> {
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
-        self.throttle.finish(&self.subjects, |_, _| ());
+        let (checking, now) = (self.checking, Instant::now());
+        self.throttle.finish(&self.subjects, |_, record| {
+            if checking {
+                record.failures += 1;
+                record.last_failure = Some(now);
+            }
+        });
     }
 }
 
@@ -264,6 +275,19 @@ mod tests {
             .unwrap()
             .failed(much_later);
         throttle.attempt("alice", PEER, much_later).unwrap();
+    }
+
+    #[test]
+    fn a_login_abandoned_while_its_password_is_checked_counts_as_failed() {
+        let throttle = LoginThrottle::default();
+        let t0 = Instant::now();
+        drop(throttle.attempt("alice", PEER, t0).unwrap());
+        assert!(throttle.records.lock().unwrap().is_empty());
+        let mut abandoned = throttle.attempt("alice", PEER, t0).unwrap();
+        abandoned.checking();
+        drop(abandoned);
+        let records = throttle.records.lock().unwrap();
+        assert_eq!(records[&Subject::peer(PEER.unwrap())].failures, 1);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! A soak run against a real `hedf serve`: 32 clients of four users mix plain-SQL queries
-//! (checked against plaintext DataFusion), uploads in create and replace modes, drops, bad
+//! (checked against plaintext DataFusion), uploads in create, append and replace modes, drops, bad
 //! statements, cancelled calls, reconnects and a few wrong passwords, for $HEDF_SOAK_SECONDS
 //! (default 15; README's figures come from 300). Pass means no wrong answer, no unexpected
 //! error, server memory that does not grow with time, and no file left behind.
@@ -141,6 +141,8 @@ async fn soak_of_thirty_two_mixed_clients() {
                 (state >> 33) % n
             };
             let mut round = 0u64;
+            // Rows of this client's own table `c{client}`, grown by appends, reset by replaces.
+            let mut held = 0u64;
             while Instant::now() < deadline {
                 round += 1;
                 let roll = next(100);
@@ -171,11 +173,21 @@ async fn soak_of_thirty_two_mixed_clients() {
                         ("query", outcome)
                     }
                     55..=69 => {
-                        let table = format!("c{client}_{round}");
-                        let (mode, table) = if roll < 62 {
-                            (IngestMode::CREATE, table)
+                        let (mode, table) = match roll {
+                            55..=61 => (IngestMode::CREATE, format!("c{client}_{round}")),
+                            62..=65 => (IngestMode::APPEND, format!("c{client}")),
+                            _ => (IngestMode::REPLACE, format!("c{client}")),
+                        };
+                        // Append to a table that exists and has room; otherwise start it over.
+                        let mode = if mode == IngestMode::APPEND && !(1..8 * 152).contains(&held) {
+                            IngestMode::REPLACE
                         } else {
-                            (IngestMode::REPLACE, format!("c{client}"))
+                            mode
+                        };
+                        let expected = if mode == IngestMode::APPEND {
+                            held + 152
+                        } else {
+                            152
                         };
                         let batches = enc.clone().into_iter().map(Ok);
                         let uploaded = connection
@@ -187,16 +199,22 @@ async fn soak_of_thirty_two_mixed_clients() {
                                 batches,
                             )
                             .await;
+                        let own = table == format!("c{client}");
                         let counted = match uploaded {
-                            Ok(152) => connection
-                                .query(&format!("SELECT COUNT(*) FROM {table}"))
-                                .await
-                                .map(|(_, b)| all_values(&b)),
+                            Ok(152) => {
+                                if own {
+                                    held = expected;
+                                }
+                                connection
+                                    .query(&format!("SELECT COUNT(*) FROM {table}"))
+                                    .await
+                                    .map(|(_, b)| all_values(&b))
+                            }
                             Ok(n) => Err(HedfError::internal(format!("{n} rows uploaded"))),
                             Err(e) => Err(e),
                         };
                         match counted {
-                            Ok(rows) if rows == vec![vec!["152".to_string()]] => {}
+                            Ok(rows) if rows == vec![vec![expected.to_string()]] => {}
                             Ok(rows) => tally
                                 .lock()
                                 .unwrap()

@@ -1,5 +1,5 @@
 //! The integration tests, in one binary: every test binary links DataFusion and tfhe, so one
-//! binary instead of six saves minutes of each cold build. `cargo test --test it server::`
+//! binary instead of eight saves minutes of each cold build. `cargo test --test it server::`
 //! runs one module.
 
 #[path = "../common/mod.rs"]
@@ -14,3 +14,4 @@ mod network;
 mod repl;
 mod server;
 mod soak;
+mod sqllogic;

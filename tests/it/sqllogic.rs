@@ -6,8 +6,6 @@
 //! Tables: `population` (the demo dataset, encrypted) and `population_plain` (the same rows in
 //! plaintext), `measures` (a small encrypted table with negatives and NULLs) and `measures_plain`.
 
-mod common;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -24,6 +22,8 @@ use hedf::crypto::keys::ClientKey;
 use hedf::protocol::{IngestMode, UploadOptions};
 use hedf::table::EncryptedTable;
 use sqllogictest::{AsyncDB, DBOutput, DefaultColumnType};
+
+use crate::common;
 
 /// Where a file's SQL runs.
 #[derive(Clone)]
@@ -201,8 +201,8 @@ fn slt_files(dir: &str) -> Vec<PathBuf> {
     files
 }
 
-#[tokio::main]
-async fn main() {
+#[tokio::test]
+async fn sql_files_give_the_expected_answers() {
     let (engine_dir, client_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let key = Arc::new(ClientKey::generate());
     let engine = Target::Engine(session(engine_dir.path(), &key).await);
@@ -235,8 +235,5 @@ async fn main() {
             }
         }
     }
-    println!("sqllogictest: {passed} passed, {failed} failed");
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    assert_eq!(failed, 0, "sqllogictest: {passed} passed, {failed} failed");
 }

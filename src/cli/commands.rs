@@ -154,6 +154,16 @@ enum Command {
         /// Queries one user may run at once (queued like --max-concurrent-queries).
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
         max_queries_per_user: u32,
+        /// Uploads running at once; more wait in a short queue, then get RESOURCE_EXHAUSTED.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+        max_concurrent_uploads: u32,
+        /// Uploads one user may run at once (queued like --max-concurrent-uploads).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+        max_uploads_per_user: u32,
+        /// A call whose client sends nothing for this many seconds while the server waits for
+        /// its data (an upload that stops midway) fails with DEADLINE_EXCEEDED.
+        #[arg(long, default_value_t = 60.0, value_parser = parse_seconds)]
+        stall_timeout: f64,
         /// Connections held at once; past it a new connection evicts the oldest one not yet
         /// served a call, or is closed at once if every connection has been.
         #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
@@ -415,6 +425,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             query_timeout,
             max_concurrent_queries,
             max_queries_per_user,
+            max_concurrent_uploads,
+            max_uploads_per_user,
+            stall_timeout,
             max_connections,
             max_connections_per_peer,
             first_call_timeout,
@@ -442,6 +455,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                     query_timeout: Duration::from_secs_f64(query_timeout),
                     max_queries: max_concurrent_queries as usize,
                     max_queries_per_tenant: max_queries_per_user as usize,
+                    max_uploads: max_concurrent_uploads as usize,
+                    max_uploads_per_tenant: max_uploads_per_user as usize,
+                    stall: Duration::from_secs_f64(stall_timeout),
                 },
                 connections: ConnectionLimits {
                     total: max_connections as usize,

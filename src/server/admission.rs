@@ -11,8 +11,8 @@ use tokio::time::Instant;
 
 use crate::error::{HedfError, Result};
 
-/// A query queue holds this many callers per slot before refusing newcomers.
-const QUEUE_PER_QUERY: usize = 4;
+/// A queue holds this many callers per slot before refusing newcomers.
+const QUEUE_PER_SLOT: usize = 4;
 
 /// At most `limit` holders at once and `queue` waiting.
 pub struct Gate {
@@ -82,30 +82,41 @@ impl Drop for Queued<'_> {
     }
 }
 
-/// Queries running at once: a limit for the whole server and a smaller one per tenant, so one
-/// tenant's burst cannot take every slot.
-pub struct QueryAdmission {
+/// Calls of one kind (queries, uploads) running at once: a limit for the whole server and a
+/// smaller one per tenant, so one tenant's burst cannot take every slot.
+pub struct Admission {
+    /// What the work is called in refusals: the server's and one tenant's.
+    what: (&'static str, &'static str),
     server: Gate,
     per_tenant: usize,
     tenants: Mutex<HashMap<String, Arc<Gate>>>,
 }
 
-/// Both permits of an admitted query; the query holds them until it ends.
+/// Both permits of an admitted call; it holds them until it ends.
 pub struct Admitted {
     _tenant: OwnedSemaphorePermit,
     _server: OwnedSemaphorePermit,
 }
 
-impl QueryAdmission {
-    pub fn new(server: usize, per_tenant: usize) -> QueryAdmission {
-        QueryAdmission {
-            server: Gate::new("queries", server, server * QUEUE_PER_QUERY),
+impl Admission {
+    pub fn queries(server: usize, per_tenant: usize) -> Admission {
+        Admission::new(("queries", "queries for this user"), server, per_tenant)
+    }
+
+    pub fn uploads(server: usize, per_tenant: usize) -> Admission {
+        Admission::new(("uploads", "uploads for this user"), server, per_tenant)
+    }
+
+    fn new(what: (&'static str, &'static str), server: usize, per_tenant: usize) -> Admission {
+        Admission {
+            what,
+            server: Gate::new(what.0, server, server * QUEUE_PER_SLOT),
             per_tenant,
             tenants: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Admits one query of `tenant`, first within the tenant's share, then the server's.
+    /// Admits one call of `tenant`, first within the tenant's share, then the server's.
     pub async fn admit(&self, tenant: &str, deadline: Instant) -> Result<Admitted> {
         let gate = self
             .tenants
@@ -114,9 +125,9 @@ impl QueryAdmission {
             .entry(tenant.to_string())
             .or_insert_with(|| {
                 Arc::new(Gate::new(
-                    "queries for this user",
+                    self.what.1,
                     self.per_tenant,
-                    self.per_tenant * QUEUE_PER_QUERY,
+                    self.per_tenant * QUEUE_PER_SLOT,
                 ))
             })
             .clone();
@@ -180,7 +191,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_tenant_cannot_take_every_slot() {
-        let admission = QueryAdmission::new(3, 2);
+        let admission = Admission::queries(3, 2);
         let _a1 = admission.admit("alice", soon()).await.unwrap();
         let _a2 = admission.admit("alice", soon()).await.unwrap();
         let e = admission.admit("alice", soon()).await.err().unwrap();

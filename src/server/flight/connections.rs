@@ -24,20 +24,18 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::task::AtomicWaker;
 use futures::{Stream, StreamExt};
-use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tonic::body::Body;
 use tonic::transport::server::Connected;
-use tonic::Status;
 use tower::{Layer, Service};
 
 use super::access::Caller;
+use super::holding::Holding;
 
 /// A refused or evicted connection is logged at most this often: a flood must not become a
 /// log flood.
@@ -471,34 +469,8 @@ where
             if response.headers().contains_key("authorization") {
                 call.served();
             }
-            Ok(response.map(|body| Body::new(WhileOpen { body, _call: call })))
+            Ok(Holding::wrap(response, call))
         })
-    }
-}
-
-/// A response body that keeps its call open until it is dropped.
-struct WhileOpen {
-    body: Body,
-    _call: OpenCall,
-}
-
-impl HttpBody for WhileOpen {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 

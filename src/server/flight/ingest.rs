@@ -284,6 +284,9 @@ fn flight_to_hedf(e: FlightError) -> HedfError {
         FlightError::Tonic(status) => match status.code() {
             tonic::Code::ResourceExhausted => HedfError::TooLarge(status.message().to_string()),
             tonic::Code::Cancelled => HedfError::Cancelled(UPLOAD_CANCELLED),
+            tonic::Code::DeadlineExceeded => {
+                HedfError::TimedOut(format!("{}; the table is unchanged", status.message()))
+            }
             _ => HedfError::Invalid(format!("upload interrupted: {}", status.message())),
         },
         FlightError::Arrow(e) => HedfError::Invalid(format!("malformed Arrow data: {e}")),

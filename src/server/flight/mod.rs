@@ -8,10 +8,12 @@ mod access;
 mod audit;
 pub mod auth;
 mod connections;
+mod holding;
 mod ingest;
 mod status;
 mod stream_end;
 mod throttle;
+mod uploads;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,7 +56,7 @@ use crate::engine::session::{CATALOG, SCHEMA};
 use crate::engine::statement::{plan, Planned};
 use crate::error::{with_causes, ErrorKind, HedfError, Result};
 use crate::protocol::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
-use crate::server::admission::{Admitted, Gate, QueryAdmission};
+use crate::server::admission::{Admission, Admitted, Gate};
 use crate::server::catalog::{Catalog, Tenant};
 use access::{Access, Caller};
 use audit::{Audit, AuditLog};
@@ -65,6 +67,7 @@ use status::status;
 pub use status::to_status;
 use stream_end::TrackStreamEnd;
 use throttle::LoginThrottle;
+use uploads::UploadGate;
 
 /// Result batches are cut into Flight messages of about this size.
 const FLIGHT_DATA_BYTES: usize = 4 << 20;
@@ -128,6 +131,12 @@ pub struct Limits {
     /// Queries running at once, in all and per tenant; more wait in a short queue.
     pub max_queries: usize,
     pub max_queries_per_tenant: usize,
+    /// Uploads running at once, in all and per tenant; more wait like queries.
+    pub max_uploads: usize,
+    pub max_uploads_per_tenant: usize,
+    /// A call whose client sends nothing this long while the server waits for its data (an
+    /// upload that stops midway) fails.
+    pub stall: Duration,
 }
 
 impl Default for Limits {
@@ -136,6 +145,9 @@ impl Default for Limits {
             query_timeout: Duration::from_secs(300),
             max_queries: 16,
             max_queries_per_tenant: 4,
+            max_uploads: 8,
+            max_uploads_per_tenant: 2,
+            stall: Duration::from_secs(60),
         }
     }
 }
@@ -147,7 +159,7 @@ pub struct HedfFlightService {
     tokens: Arc<Tokens>,
     max_upload_bytes: u64,
     query_timeout: Duration,
-    queries: QueryAdmission,
+    queries: Admission,
     logins: LoginThrottle,
     /// Argon2 runs on blocking threads, at most half the cores at once: a login flood must
     /// not take the async workers every query runs on.
@@ -168,7 +180,7 @@ impl HedfFlightService {
             tokens: Arc::default(),
             max_upload_bytes: config.max_upload_bytes,
             query_timeout: limits.query_timeout,
-            queries: QueryAdmission::new(limits.max_queries, limits.max_queries_per_tenant),
+            queries: Admission::queries(limits.max_queries, limits.max_queries_per_tenant),
             logins: LoginThrottle::default(),
             argon2: Gate::new("logins", cores / 2, LOGIN_QUEUE),
         })
@@ -404,6 +416,15 @@ pub async fn serve(
     // Past its maximum age a connection gets GOAWAY from tonic (given no grace, which would
     // make tonic cut it without one); the cut after the grace is the connection's own.
     let max_age = config.connections.max_age;
+    let limits = &config.limits;
+    let uploads = UploadGate::new(
+        limits.max_uploads,
+        limits.max_uploads_per_tenant,
+        limits.query_timeout,
+    );
+    let track = TrackStreamEnd {
+        stall: limits.stall,
+    };
     let connections = Connections::new(
         config.connections.clone(),
         LOGIN_TIME,
@@ -436,7 +457,8 @@ pub async fn serve(
         .layer(AuditLog)
         .layer(access)
         .layer(CountCalls)
-        .layer(TrackStreamEnd)
+        .layer(uploads)
+        .layer(track)
         .add_service(server)
         .serve_with_incoming_shutdown(
             connections.guard(

@@ -6,14 +6,21 @@
 //! table, a reset one is a fragment. This layer wraps each request body and records whether it
 //! ended with the client's END_STREAM or with an error or reset; handlers read the record from
 //! the request's extensions ([`StreamEnd`]).
+//!
+//! It also ends a request stream whose client sends nothing for the stall time while the handler
+//! waits for data (DEADLINE_EXCEEDED, and the stream counts as broken): an upload that stops
+//! midway must not hold its buffers and its slot until the connection's maximum age.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
 use tonic::body::Body;
 use tonic::Status;
 use tower::{Layer, Service};
@@ -48,19 +55,22 @@ impl StreamEnd {
     }
 }
 
-/// The tower layer that tracks every request body's end.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TrackStreamEnd;
+/// The tower layer that tracks every request body's end, and ends those that stall.
+#[derive(Clone, Copy, Debug)]
+pub struct TrackStreamEnd {
+    /// How long a handler waits for its client's next bytes.
+    pub stall: Duration,
+}
 
 impl<S> Layer<S> for TrackStreamEnd {
     type Service = Tracking<S>;
     fn layer(&self, inner: S) -> Tracking<S> {
-        Tracking(inner)
+        Tracking(inner, self.stall)
     }
 }
 
 #[derive(Clone, Debug)]
-pub struct Tracking<S>(S);
+pub struct Tracking<S>(S, Duration);
 
 impl<S> Service<http::Request<Body>> for Tracking<S>
 where
@@ -78,7 +88,13 @@ where
         let end = Arc::new(StreamEnd::default());
         let (mut parts, body) = request.into_parts();
         parts.extensions.insert(end.clone());
-        let body = Body::new(Tracked { inner: body, end });
+        let body = Body::new(Tracked {
+            inner: body,
+            end,
+            stall: self.1,
+            timer: None,
+            waiting: false,
+        });
         self.0.call(http::Request::from_parts(parts, body))
     }
 }
@@ -86,6 +102,39 @@ where
 struct Tracked {
     inner: Body,
     end: Arc<StreamEnd>,
+    stall: Duration,
+    /// When the handler's current wait for data fails, if it is waiting. Only waits count, so
+    /// a handler busy with what it already has is never the client's stall.
+    timer: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
+}
+
+impl Tracked {
+    /// Pending until the client sends more, unless the stall time has passed since the
+    /// handler began waiting.
+    fn wait(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let deadline = Instant::now() + self.stall;
+        let timer = match (self.timer.take(), self.waiting) {
+            (Some(timer), true) => timer,
+            (Some(mut timer), false) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            (None, _) => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let timer = self.timer.insert(timer);
+        if timer.as_mut().poll(cx).is_pending() {
+            self.waiting = true;
+            return Poll::Pending;
+        }
+        self.waiting = false;
+        let stall = self.stall;
+        self.end.set(BROKEN);
+        Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+            "the client sent nothing for {} s while the server waited for its data",
+            stall.as_secs_f64()
+        )))))
+    }
 }
 
 impl HttpBody for Tracked {
@@ -98,10 +147,12 @@ impl HttpBody for Tracked {
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
+            Poll::Pending => return self.wait(cx),
             Poll::Ready(None) => self.end.set(COMPLETED),
             Poll::Ready(Some(Err(_))) => self.end.set(BROKEN),
-            _ => {}
+            Poll::Ready(Some(Ok(_))) => {}
         }
+        self.waiting = false;
         polled
     }
 

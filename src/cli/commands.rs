@@ -154,10 +154,10 @@ enum Command {
         /// Queries one user may run at once (queued like --max-concurrent-queries).
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
         max_queries_per_user: u32,
-        /// Uploads running at once; more wait in a short queue, then get RESOURCE_EXHAUSTED.
+        /// Uploads running at once; more get RESOURCE_EXHAUSTED at once.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
         max_concurrent_uploads: u32,
-        /// Uploads one user may run at once (queued like --max-concurrent-uploads).
+        /// Uploads one user may run at once; more get RESOURCE_EXHAUSTED at once.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
         max_uploads_per_user: u32,
         /// A call whose client sends nothing for this many seconds while the server waits for

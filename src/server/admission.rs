@@ -42,8 +42,13 @@ impl Gate {
             return Ok(permit);
         }
         let queued = Queued::join(&self.waiting, self.queue).ok_or_else(|| {
+            let queue = if self.queue == 0 {
+                ""
+            } else {
+                ", the queue is full"
+            };
             HedfError::Throttled(format!(
-                "too many {} at once ({} running, the queue is full); retry later",
+                "too many {} at once ({} running{queue}); retry later",
                 self.what, self.limit
             ))
         })?;
@@ -89,6 +94,7 @@ pub struct Admission {
     what: (&'static str, &'static str),
     server: Gate,
     per_tenant: usize,
+    queue_per_slot: usize,
     tenants: Mutex<HashMap<String, Arc<Gate>>>,
 }
 
@@ -99,19 +105,33 @@ pub struct Admitted {
 }
 
 impl Admission {
+    /// Queries wait in a queue of [`QUEUE_PER_SLOT`] per slot.
     pub fn queries(server: usize, per_tenant: usize) -> Admission {
-        Admission::new(("queries", "queries for this user"), server, per_tenant)
+        Admission::new(
+            ("queries", "queries for this user"),
+            server,
+            per_tenant,
+            QUEUE_PER_SLOT,
+        )
     }
 
+    /// Uploads do not wait: a queued upload's data would sit unread in its connection's
+    /// HTTP/2 window and hold back the data of the uploads running on that connection.
     pub fn uploads(server: usize, per_tenant: usize) -> Admission {
-        Admission::new(("uploads", "uploads for this user"), server, per_tenant)
+        Admission::new(("uploads", "uploads for this user"), server, per_tenant, 0)
     }
 
-    fn new(what: (&'static str, &'static str), server: usize, per_tenant: usize) -> Admission {
+    fn new(
+        what: (&'static str, &'static str),
+        server: usize,
+        per_tenant: usize,
+        queue_per_slot: usize,
+    ) -> Admission {
         Admission {
             what,
-            server: Gate::new(what.0, server, server * QUEUE_PER_SLOT),
+            server: Gate::new(what.0, server, server * queue_per_slot),
             per_tenant,
+            queue_per_slot,
             tenants: Mutex::new(HashMap::new()),
         }
     }
@@ -127,7 +147,7 @@ impl Admission {
                 Arc::new(Gate::new(
                     self.what.1,
                     self.per_tenant,
-                    self.per_tenant * QUEUE_PER_SLOT,
+                    self.per_tenant * self.queue_per_slot,
                 ))
             })
             .clone();
@@ -199,5 +219,23 @@ mod tests {
         let _b1 = admission.admit("bob", soon()).await.unwrap();
         // The server's three slots are taken: bob's second query waits, then is refused.
         assert!(admission.admit("bob", soon()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn uploads_past_the_share_are_refused_at_once() {
+        let admission = Admission::uploads(8, 1);
+        let _held = admission.admit("alice", soon()).await.unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        let e = tokio::time::timeout(Duration::from_secs(1), admission.admit("alice", far))
+            .await
+            .expect("an upload waited in a queue")
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), ErrorKind::ResourceExhausted);
+        assert!(
+            e.to_string()
+                .contains("too many uploads for this user at once (1 running)"),
+            "{e}"
+        );
     }
 }

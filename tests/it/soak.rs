@@ -75,7 +75,17 @@ async fn soak_of_thirty_two_mixed_clients() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(15);
     let dir = tempfile::tempdir().unwrap();
-    let mut args = vec!["--memory-limit".to_string(), "1GiB".to_string()];
+    // Every client of a user may upload at once: refusals past a share are tested elsewhere.
+    let mut args: Vec<String> = [
+        "--memory-limit",
+        "1GiB",
+        "--max-uploads-per-user",
+        "8",
+        "--max-concurrent-uploads",
+        "32",
+    ]
+    .map(String::from)
+    .into();
     for user in USERS {
         args.extend(["--user".to_string(), format!("{user}:{}", password(user))]);
     }

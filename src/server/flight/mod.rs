@@ -131,7 +131,7 @@ pub struct Limits {
     /// Queries running at once, in all and per tenant; more wait in a short queue.
     pub max_queries: usize,
     pub max_queries_per_tenant: usize,
-    /// Uploads running at once, in all and per tenant; more wait like queries.
+    /// Uploads running at once, in all and per tenant; more are refused at once.
     pub max_uploads: usize,
     pub max_uploads_per_tenant: usize,
     /// A call whose client sends nothing this long while the server waits for its data (an
@@ -417,11 +417,7 @@ pub async fn serve(
     // make tonic cut it without one); the cut after the grace is the connection's own.
     let max_age = config.connections.max_age;
     let limits = &config.limits;
-    let uploads = UploadGate::new(
-        limits.max_uploads,
-        limits.max_uploads_per_tenant,
-        limits.query_timeout,
-    );
+    let uploads = UploadGate::new(limits.max_uploads, limits.max_uploads_per_tenant);
     let track = TrackStreamEnd {
         stall: limits.stall,
     };

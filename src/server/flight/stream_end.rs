@@ -1,4 +1,4 @@
-//! How a request stream ended, as the transport saw it.
+//! How a request stream ended, as the transport saw it, and the limits it runs under.
 //!
 //! tonic's decoder ends a request stream that the client reset with CANCEL (what every gRPC
 //! library sends when a call is cancelled or its deadline passes) exactly as if the client had
@@ -9,7 +9,10 @@
 //!
 //! It also ends a request stream whose client sends nothing for the stall time while the handler
 //! waits for data (DEADLINE_EXCEEDED, and the stream counts as broken): an upload that stops
-//! midway must not hold its buffers and its slot until the connection's maximum age.
+//! midway must not hold its buffers and its slot until the connection's maximum age. And only
+//! uploads may be large: any other call's request (a statement, a ticket, an action) over
+//! [`MAX_REQUEST_BYTES`] is RESOURCE_EXHAUSTED, since tonic reserves a message's declared size
+//! (up to the 64 MiB message limit) as soon as it reads its header.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,6 +27,11 @@ use tokio::time::{Instant, Sleep};
 use tonic::body::Body;
 use tonic::Status;
 use tower::{Layer, Service};
+
+use super::uploads::DO_PUT;
+
+/// Largest request of a call other than DoPut: a statement is at most 1 MiB of SQL.
+const MAX_REQUEST_BYTES: u64 = 2 << 20;
 
 const OPEN: u8 = 0;
 const COMPLETED: u8 = 1;
@@ -88,9 +96,12 @@ where
         let end = Arc::new(StreamEnd::default());
         let (mut parts, body) = request.into_parts();
         parts.extensions.insert(end.clone());
+        let limit = (parts.uri.path() != DO_PUT).then_some(MAX_REQUEST_BYTES);
         let body = Body::new(Tracked {
             inner: body,
             end,
+            limit,
+            received: 0,
             stall: self.1,
             timer: None,
             waiting: false,
@@ -102,6 +113,9 @@ where
 struct Tracked {
     inner: Body,
     end: Arc<StreamEnd>,
+    /// Bytes the request may carry (`None`: an upload, bounded by its own limits).
+    limit: Option<u64>,
+    received: u64,
     stall: Duration,
     /// When the handler's current wait for data fails, if it is waiting. Only waits count, so
     /// a handler busy with what it already has is never the client's stall.
@@ -150,7 +164,16 @@ impl HttpBody for Tracked {
             Poll::Pending => return self.wait(cx),
             Poll::Ready(None) => self.end.set(COMPLETED),
             Poll::Ready(Some(Err(_))) => self.end.set(BROKEN),
-            Poll::Ready(Some(Ok(_))) => {}
+            Poll::Ready(Some(Ok(frame))) => {
+                self.received += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if let Some(limit) = self.limit.filter(|&l| self.received > l) {
+                    self.end.set(BROKEN);
+                    return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+                        "a request other than an upload is at most {} MiB",
+                        limit >> 20
+                    )))));
+                }
+            }
         }
         self.waiting = false;
         polled

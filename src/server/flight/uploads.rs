@@ -1,11 +1,11 @@
 //! How many uploads (DoPut calls) run at once, in all and per tenant. The slot is taken from
 //! the call's headers, before a byte of its body is read (Flight SQL reads a DoPut's whole
-//! first message, up to 64 MiB, to route it), and held until its answer is sent: what uploads
-//! buffer is bounded by the slots, and a queued one holds no more than its HTTP/2 window.
+//! first message, up to 64 MiB, to route it), and held until its answer is sent, so what
+//! uploads buffer is bounded by the slots. An upload over its share is refused at once
+//! (RESOURCE_EXHAUSTED), not queued: see [`Admission::uploads`].
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio::time::Instant;
@@ -17,23 +17,16 @@ use super::holding::Holding;
 use super::status::to_status;
 use crate::server::admission::Admission;
 
-const DO_PUT: &str = "/arrow.flight.protocol.FlightService/DoPut";
+pub const DO_PUT: &str = "/arrow.flight.protocol.FlightService/DoPut";
 
 /// The tower layer that admits DoPut calls; it sits inside [`super::access::Access`], which
 /// names the caller.
 #[derive(Clone)]
-pub struct UploadGate {
-    admission: Arc<Admission>,
-    /// How long an upload may wait in the queue.
-    wait: Duration,
-}
+pub struct UploadGate(Arc<Admission>);
 
 impl UploadGate {
-    pub fn new(max: usize, per_tenant: usize, wait: Duration) -> UploadGate {
-        UploadGate {
-            admission: Arc::new(Admission::uploads(max, per_tenant)),
-            wait,
-        }
+    pub fn new(max: usize, per_tenant: usize) -> UploadGate {
+        UploadGate(Arc::new(Admission::uploads(max, per_tenant)))
     }
 }
 
@@ -74,9 +67,10 @@ where
         // The service made ready for this call goes with it; the next call gets a clone.
         let ready = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, ready);
-        let (admission, deadline) = (self.gate.admission.clone(), Instant::now() + self.gate.wait);
+        let admission = self.gate.0.clone();
         Box::pin(async move {
-            let admitted = match admission.admit(&tenant, deadline).await {
+            // No queue, so no wait: the deadline is never reached.
+            let admitted = match admission.admit(&tenant, Instant::now()).await {
                 Ok(admitted) => admitted,
                 Err(e) => return Ok(to_status(e).into_http()),
             };

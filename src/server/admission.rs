@@ -105,7 +105,7 @@ pub struct Admitted {
 }
 
 impl Admission {
-    /// Queries wait in a queue of [`QUEUE_PER_SLOT`] per slot.
+    /// Queries wait in a queue of `QUEUE_PER_SLOT` callers per slot.
     pub fn queries(server: usize, per_tenant: usize) -> Admission {
         Admission::new(
             ("queries", "queries for this user"),

@@ -14,8 +14,9 @@ use crate::cli::connection::Connection;
 use crate::cli::display::Format;
 use crate::cli::remote::ClientTls;
 use crate::cli::repl::{history_path, Session};
-use crate::crypto::client::decrypt_batch;
+use crate::crypto::client::{decrypt_batch, MeasureColumn};
 use crate::crypto::keys::ClientKey;
+use crate::crypto::params::DEFAULT_MAX_ROWS_PER_SUM;
 use crate::error::{HedfError, Result};
 use crate::protocol::{IngestMode, UploadOptions};
 use crate::server::catalog::plaintext_warnings;
@@ -70,6 +71,10 @@ enum Command {
         /// pass over the file that otherwise finds the largest value.
         #[arg(long, requires = "scale")]
         precision: Option<u8>,
+        /// Rows one sum may hold and still decrypt exactly (up to 2^31). More rows cost more
+        /// limbs, 8 bytes per value each: DECIMAL(18, s) takes 4 at the default 2^27, 7 at 2^31.
+        #[arg(long, default_value_t = DEFAULT_MAX_ROWS_PER_SUM)]
+        max_rows_per_sum: u64,
         /// Output `.parquet` file.
         #[arg(long)]
         out: PathBuf,
@@ -385,8 +390,16 @@ pub async fn run(cli: Cli) -> Result<()> {
             measures,
             scale,
             precision,
+            max_rows_per_sum,
             out,
-        } => encrypt(&input, &key, measures.as_deref(), scale, precision, &out),
+        } => encrypt(
+            &input,
+            &key,
+            measures.as_deref(),
+            (scale, precision),
+            max_rows_per_sum,
+            &out,
+        ),
         Command::Upload {
             file,
             target,
@@ -511,20 +524,21 @@ fn encrypt(
     input: &Path,
     key: &Path,
     measures: Option<&[String]>,
-    scale: Option<i8>,
-    precision: Option<u8>,
+    (scale, precision): (Option<i8>, Option<u8>),
+    max_rows_per_sum: u64,
     out: &Path,
 ) -> Result<()> {
     let key = load_key(key)?;
     let started = Instant::now();
     let scanning = progress(None, "scanning");
-    let mut measures = files::resolve_measures(input, measures, scale)?;
-    if let Some(precision) = precision {
-        measures = measures
-            .into_iter()
-            .map(|m| m.with_precision(precision))
-            .collect();
-    }
+    let measures: Vec<MeasureColumn> = files::resolve_measures(input, measures, scale)?
+        .into_iter()
+        .map(|m| match precision {
+            Some(precision) => m.with_precision(precision),
+            None => m,
+        })
+        .map(|m| m.with_max_rows_per_sum(max_rows_per_sum))
+        .collect();
     scanning.finish_and_clear();
     let bar = progress(files::parquet_rows(input), "encrypting");
     let rows = files::encrypt_to_parquet(&key, input, &measures, out, &mut |rows| {
@@ -536,6 +550,7 @@ fn encrypt(
         .iter()
         .map(|m| format!("{} (scale {})", m.name, m.scale))
         .collect();
+    eprintln!("{}", files::encoding_report(out)?);
     eprintln!(
         "encrypted {rows} rows of {} into {} (key id {}) in {}",
         columns.join(", "),

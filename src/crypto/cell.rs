@@ -1,21 +1,26 @@
 //! Byte layouts of the two ciphertext kinds the engine moves around, and their field metadata.
 //!
+//! Every column's bytes start with the same 15-byte header: `key_id u64 | params u8 | limbs u8 |
+//! limb_bits u8 | scale i8 | log2_delta u8 | slot u16`, little endian. Limb `l` of the column
+//! is encrypted under the secret key of body slot `slot + l` (see [`crate::crypto::slots`]).
+//!
 //! * A **cell** is one encrypted measure value as the engine sees it (Arrow `FixedSizeBinary`):
-//!   `key_id u64 | params u8 | limbs u8 | limb_bits u8 | scale i8 | row u64 | seed u128 x limbs |
-//!   body u64 x limbs`, little endian. `(seed, row)` names the mask: chunk `row / N` of the
-//!   AES-CTR stream seeded by `seed`, extracted at slot `row % N`. A cell is therefore an LWE
-//!   ciphertext in compressed form, decryptable on its own. On disk the engine keeps only the
-//!   8-byte bodies per value; seeds and rows are shared per column chunk (see `table::storage`).
+//!   `header | row u64 | seed u128 | body u64 x limbs`. `(seed, row)` names the mask: chunk
+//!   `row / N` of the AES-CTR stream seeded by `seed`, extracted at position `row % N`. Every
+//!   column and limb of a row shares that mask (common mask); each body is an LWE ciphertext
+//!   under its slot's key, decryptable on its own. On disk the engine keeps only the 8-byte
+//!   bodies per value; seeds and rows are kept once per table row (see `table::storage`).
 //! * A **sum** is what `he_sum` returns per group (Arrow `LargeBinary`): `"HSUM" | version u8 |
-//!   params u8 | limbs u8 | limb_bits u8 | scale i8 | key_id u64 | count u64 | body u64 x limbs |
-//!   mask u64 x (limbs * N)`: one uncompressed LWE ciphertext per limb plus the row count, so the
-//!   client can check the budget again before it trusts a decryption.
+//!   header | count u64 | body u64 x limbs | mask u64 x N`: the limbs' bodies on one mask sum,
+//!   plus the row count, so the client can check the budget again before it trusts a
+//!   decryption.
 
 use std::collections::HashMap;
 
 use crate::crypto::encoding::MeasureSpec;
 use crate::crypto::keys::{ClientKey, KeyId};
 use crate::crypto::params::{PARAMS_ID, POLYNOMIAL_SIZE};
+use crate::crypto::slots::MAX_SLOTS;
 use crate::error::{HedfError, Result};
 
 /// Field metadata key naming what a binary column holds: [`KIND_CELL`] or [`KIND_SUM`].
@@ -25,28 +30,39 @@ pub const META_PARAMS: &str = "hedf.params";
 pub const META_SCALE: &str = "hedf.scale";
 pub const META_LIMBS: &str = "hedf.limbs";
 pub const META_LIMB_BITS: &str = "hedf.limb_bits";
+pub const META_LOG2_DELTA: &str = "hedf.log2_delta";
+pub const META_SLOT: &str = "hedf.slot";
 pub const META_LAYOUT: &str = "hedf.layout";
 /// The key holder's tag over the column's public parameters (see [`ColumnMarking`]).
 pub const META_TAG: &str = "hedf.tag";
 pub const KIND_CELL: &str = "cell";
 pub const KIND_SUM: &str = "sum";
-/// Version of the byte layouts described in this module.
-pub const LAYOUT_VERSION: u8 = 1;
+/// Version of the byte layouts described in this module. Version 2: common masks.
+pub const LAYOUT_VERSION: u8 = 2;
 
-const CELL_HEADER_LEN: usize = 20;
-/// Bytes of one limb's body (an LWE body, u64) and of one limb's seed (u128).
+/// Bytes of the header every cell and sum carries.
+pub const HEADER_LEN: usize = 15;
+const CELL_ROW_AT: usize = HEADER_LEN;
+const CELL_SEED_AT: usize = CELL_ROW_AT + 8;
+const CELL_BODIES_AT: usize = CELL_SEED_AT + SEED_BYTES;
+/// Bytes of one limb's body (an LWE body, u64) and of a row's mask seed (u128).
 pub const BODY_BYTES: usize = 8;
 pub const SEED_BYTES: usize = 16;
 const SUM_MAGIC: &[u8; 4] = b"HSUM";
-const SUM_HEADER_LEN: usize = 4 + 1 + 1 + 1 + 1 + 1 + 8 + 8;
+const SUM_HEADER_LEN: usize = 4 + 1 + HEADER_LEN + 8;
+/// Where a sum keeps its row count (the budget both server and client check).
+pub const SUM_COUNT_AT: std::ops::Range<usize> = SUM_HEADER_LEN - 8..SUM_HEADER_LEN;
 /// Domain separation of the tagged message.
-const TAG_DOMAIN: &[u8] = b"hedf column parameters v1";
+const TAG_DOMAIN: &[u8] = b"hedf column parameters v2";
 
-/// Everything public about an encrypted column: whose key, which parameters, which encoding.
+/// Everything public about an encrypted column: whose key, which parameters, which encoding,
+/// which body slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ColumnCrypto {
     pub key_id: KeyId,
     pub spec: MeasureSpec,
+    /// Limb `l` is the body of slot `slot + l` on its row's mask.
+    pub slot: u16,
 }
 
 impl ColumnCrypto {
@@ -59,24 +75,63 @@ impl ColumnCrypto {
         BODY_BYTES * self.spec.limbs as usize
     }
 
-    /// Bytes of one value's seeds, all limbs, as storage keeps them.
-    pub fn seeds_width(&self) -> usize {
-        SEED_BYTES * self.spec.limbs as usize
-    }
-
     pub fn sum_len(&self) -> usize {
-        SUM_HEADER_LEN + self.spec.limbs as usize * (8 + 8 * POLYNOMIAL_SIZE)
+        SUM_HEADER_LEN + BODY_BYTES * self.spec.limbs as usize + 8 * POLYNOMIAL_SIZE
     }
 
-    /// The 12 header bytes every cell of this column starts with.
-    pub(crate) fn header(&self) -> [u8; 12] {
-        let mut h = [0u8; 12];
+    /// The header bytes every cell and sum of this column carries.
+    pub(crate) fn header(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
         h[..8].copy_from_slice(&self.key_id.0.to_le_bytes());
         h[8] = PARAMS_ID;
         h[9] = self.spec.limbs;
         h[10] = self.spec.limb_bits;
         h[11] = self.spec.scale as u8;
+        h[12] = self.spec.log2_delta;
+        h[13..].copy_from_slice(&self.slot.to_le_bytes());
         h
+    }
+
+    /// Reads and validates a header.
+    fn from_header(h: &[u8]) -> Result<Self> {
+        if h[8] != PARAMS_ID {
+            return Err(HedfError::Malformed(format!(
+                "unknown parameter set {} (this hedf uses {PARAMS_ID})",
+                h[8]
+            )));
+        }
+        let spec = MeasureSpec {
+            limbs: h[9],
+            limb_bits: h[10],
+            scale: h[11] as i8,
+            log2_delta: h[12],
+        };
+        let crypto = ColumnCrypto {
+            key_id: KeyId(u64::from_le_bytes(h[..8].try_into().expect("8 bytes"))),
+            spec,
+            slot: u16::from_le_bytes([h[13], h[14]]),
+        };
+        crypto.validate()?;
+        Ok(crypto)
+    }
+
+    /// Checks crypto read from untrusted bytes or metadata: a valid encoding on slots that
+    /// exist.
+    pub fn validate(&self) -> Result<()> {
+        self.spec.validate()?;
+        if self.slot as usize + self.spec.limbs as usize > MAX_SLOTS {
+            return Err(HedfError::Malformed(format!(
+                "body slots {}.. are beyond the last slot {}",
+                self.slot,
+                MAX_SLOTS - 1
+            )));
+        }
+        Ok(())
+    }
+
+    /// The slots `(first, count)` this column's limbs use.
+    pub fn slots(&self) -> (u16, u8) {
+        (self.slot, self.spec.limbs)
     }
 
     /// What a column's tag vouches for: key id, parameter set, layout and encoding.
@@ -158,6 +213,11 @@ impl ColumnMarking {
                 META_LIMB_BITS.to_string(),
                 self.crypto.spec.limb_bits.to_string(),
             ),
+            (
+                META_LOG2_DELTA.to_string(),
+                self.crypto.spec.log2_delta.to_string(),
+            ),
+            (META_SLOT.to_string(), self.crypto.slot.to_string()),
             (META_LAYOUT.to_string(), LAYOUT_VERSION.to_string()),
             (META_TAG.to_string(), tag),
         ])
@@ -189,17 +249,24 @@ impl ColumnMarking {
         if num::<u8>(META_PARAMS, get(META_PARAMS)?)? != PARAMS_ID
             || num::<u8>(META_LAYOUT, get(META_LAYOUT)?)? != LAYOUT_VERSION
         {
-            return Err(HedfError::Malformed(
-                "column uses an unknown parameter set or layout version".into(),
-            ));
+            return Err(HedfError::Malformed(format!(
+                "column uses an unknown parameter set or layout version (this hedf reads \
+                 layout {LAYOUT_VERSION}, common masks); re-encrypt the table with this hedf"
+            )));
         }
         let spec = MeasureSpec {
             scale: num(META_SCALE, get(META_SCALE)?)?,
             limbs: num(META_LIMBS, get(META_LIMBS)?)?,
             limb_bits: num(META_LIMB_BITS, get(META_LIMB_BITS)?)?,
+            log2_delta: num(META_LOG2_DELTA, get(META_LOG2_DELTA)?)?,
         };
-        spec.validate()?;
         let key_id = get(META_KEY_ID)?.parse()?;
+        let crypto = ColumnCrypto {
+            key_id,
+            spec,
+            slot: num(META_SLOT, get(META_SLOT)?)?,
+        };
+        crypto.validate()?;
         let tag = get(META_TAG)?;
         let tag = (tag.len() == 32)
             .then(|| {
@@ -215,44 +282,37 @@ impl ColumnMarking {
             .flatten()
             .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
             .ok_or_else(|| HedfError::Malformed(format!("bad {META_TAG} in field metadata")))?;
-        Ok(Some(ColumnMarking {
-            kind,
-            crypto: ColumnCrypto { key_id, spec },
-            tag,
-        }))
+        Ok(Some(ColumnMarking { kind, crypto, tag }))
     }
 }
 
 pub fn cell_width(limbs: u8) -> usize {
-    CELL_HEADER_LEN + (SEED_BYTES + BODY_BYTES) * limbs as usize
+    CELL_BODIES_AT + BODY_BYTES * limbs as usize
 }
 
-/// Limb `limb`'s seed in a value's seeds (as [`CellRef::seed_bytes`] returns them).
-pub fn seed_of(seeds: &[u8], limb: usize) -> u128 {
-    u128::from_le_bytes(
-        seeds[SEED_BYTES * limb..SEED_BYTES * (limb + 1)]
-            .try_into()
-            .expect("16 bytes"),
-    )
-}
-
-/// Assembles a cell from its stored parts (`seeds`: 16 bytes a limb, `bodies`: 8 bytes a limb).
-pub fn assemble_cell(out: &mut [u8], header: &[u8; 12], row: u64, seeds: &[u8], bodies: &[u8]) {
-    out[..12].copy_from_slice(header);
-    out[12..CELL_HEADER_LEN].copy_from_slice(&row.to_le_bytes());
-    out[CELL_HEADER_LEN..CELL_HEADER_LEN + seeds.len()].copy_from_slice(seeds);
-    out[CELL_HEADER_LEN + seeds.len()..].copy_from_slice(bodies);
+/// Assembles a cell from its stored parts (`seed`: 16 bytes, `bodies`: 8 bytes a limb).
+pub fn assemble_cell(
+    out: &mut [u8],
+    header: &[u8; HEADER_LEN],
+    row: u64,
+    seed: &[u8],
+    bodies: &[u8],
+) {
+    out[..HEADER_LEN].copy_from_slice(header);
+    out[CELL_ROW_AT..CELL_SEED_AT].copy_from_slice(&row.to_le_bytes());
+    out[CELL_SEED_AT..CELL_BODIES_AT].copy_from_slice(seed);
+    out[CELL_BODIES_AT..].copy_from_slice(bodies);
 }
 
 /// Writes a cell into `out` (exactly `cell_width` bytes).
-pub fn write_cell(out: &mut [u8], crypto: &ColumnCrypto, row: u64, seeds: &[u128], bodies: &[u64]) {
-    out[..12].copy_from_slice(&crypto.header());
-    out[12..CELL_HEADER_LEN].copy_from_slice(&row.to_le_bytes());
-    let (seed_bytes, body_bytes) = out[CELL_HEADER_LEN..].split_at_mut(SEED_BYTES * seeds.len());
-    for (out, seed) in seed_bytes.chunks_exact_mut(SEED_BYTES).zip(seeds) {
-        out.copy_from_slice(&seed.to_le_bytes());
-    }
-    for (out, body) in body_bytes.chunks_exact_mut(BODY_BYTES).zip(bodies) {
+pub fn write_cell(out: &mut [u8], crypto: &ColumnCrypto, row: u64, seed: u128, bodies: &[u64]) {
+    out[..HEADER_LEN].copy_from_slice(&crypto.header());
+    out[CELL_ROW_AT..CELL_SEED_AT].copy_from_slice(&row.to_le_bytes());
+    out[CELL_SEED_AT..CELL_BODIES_AT].copy_from_slice(&seed.to_le_bytes());
+    for (out, body) in out[CELL_BODIES_AT..]
+        .chunks_exact_mut(BODY_BYTES)
+        .zip(bodies)
+    {
         out.copy_from_slice(&body.to_le_bytes());
     }
 }
@@ -261,7 +321,6 @@ pub fn write_cell(out: &mut [u8], crypto: &ColumnCrypto, row: u64, seeds: &[u128
 #[derive(Clone, Copy)]
 pub struct CellRef<'a> {
     bytes: &'a [u8],
-    limbs: usize,
 }
 
 impl<'a> CellRef<'a> {
@@ -274,7 +333,7 @@ impl<'a> CellRef<'a> {
                 expect.cell_width()
             )));
         }
-        if bytes[..12] != expect.header() {
+        if bytes[..HEADER_LEN] != expect.header() {
             let found = KeyId(u64::from_le_bytes(bytes[..8].try_into().unwrap()));
             if found != expect.key_id {
                 return Err(HedfError::MixedKeys {
@@ -283,31 +342,28 @@ impl<'a> CellRef<'a> {
                 });
             }
             return Err(HedfError::Malformed(
-                "cell header (parameters, limbs or scale) differs from its column's".into(),
+                "cell header (parameters, limbs, scale or slots) differs from its column's".into(),
             ));
         }
-        Ok(CellRef {
-            bytes,
-            limbs: expect.spec.limbs as usize,
-        })
+        Ok(CellRef { bytes })
     }
 
     pub fn row(&self) -> u64 {
-        u64::from_le_bytes(self.bytes[12..CELL_HEADER_LEN].try_into().unwrap())
+        u64::from_le_bytes(self.bytes[CELL_ROW_AT..CELL_SEED_AT].try_into().unwrap())
     }
 
-    pub fn seed(&self, limb: usize) -> u128 {
-        seed_of(self.seed_bytes(), limb)
+    pub fn seed(&self) -> u128 {
+        u128::from_le_bytes(self.seed_bytes().try_into().unwrap())
     }
 
-    /// The seeds of all limbs, as stored (16 bytes each).
+    /// The mask seed, as stored (16 bytes).
     pub fn seed_bytes(&self) -> &'a [u8] {
-        &self.bytes[CELL_HEADER_LEN..CELL_HEADER_LEN + SEED_BYTES * self.limbs]
+        &self.bytes[CELL_SEED_AT..CELL_BODIES_AT]
     }
 
     /// The bodies of all limbs, as stored (8 bytes each).
     pub fn body_bytes(&self) -> &'a [u8] {
-        &self.bytes[CELL_HEADER_LEN + SEED_BYTES * self.limbs..]
+        &self.bytes[CELL_BODIES_AT..]
     }
 
     pub fn body(&self, limb: usize) -> u64 {
@@ -316,23 +372,22 @@ impl<'a> CellRef<'a> {
     }
 }
 
-/// Serialises one group's sum. `masks` holds `limbs * N` coefficients, limb-major.
+/// Serialises one group's sum: the limbs' body sums on one mask sum of N coefficients.
 pub fn write_sum(
     crypto: &ColumnCrypto,
     count: u64,
     bodies: &[u64],
-    masks: &[u64],
+    mask: &[u64],
     out: &mut Vec<u8>,
 ) {
     out.extend_from_slice(SUM_MAGIC);
     out.push(LAYOUT_VERSION);
-    out.extend_from_slice(&crypto.header()[8..12]);
-    out.extend_from_slice(&crypto.key_id.0.to_le_bytes());
+    out.extend_from_slice(&crypto.header());
     out.extend_from_slice(&count.to_le_bytes());
     for b in bodies {
         out.extend_from_slice(&b.to_le_bytes());
     }
-    for m in masks {
+    for m in mask {
         out.extend_from_slice(&m.to_le_bytes());
     }
 }
@@ -350,18 +405,11 @@ impl<'a> SumRef<'a> {
         if bytes.len() < SUM_HEADER_LEN || &bytes[..4] != SUM_MAGIC {
             return Err(bad("not a hedf sum"));
         }
-        if bytes[4] != LAYOUT_VERSION || bytes[5] != PARAMS_ID {
-            return Err(bad("unknown layout version or parameter set"));
+        if bytes[4] != LAYOUT_VERSION {
+            return Err(bad("unknown layout version"));
         }
-        let spec = MeasureSpec {
-            limbs: bytes[6],
-            limb_bits: bytes[7],
-            scale: bytes[8] as i8,
-        };
-        spec.validate()?;
-        let key_id = KeyId(u64::from_le_bytes(bytes[9..17].try_into().unwrap()));
-        let count = u64::from_le_bytes(bytes[17..25].try_into().unwrap());
-        let crypto = ColumnCrypto { key_id, spec };
+        let crypto = ColumnCrypto::from_header(&bytes[5..5 + HEADER_LEN])?;
+        let count = u64::from_le_bytes(bytes[SUM_COUNT_AT].try_into().unwrap());
         if bytes.len() != crypto.sum_len() {
             return Err(bad(&format!(
                 "{} bytes, expected {}",
@@ -377,14 +425,13 @@ impl<'a> SumRef<'a> {
     }
 
     pub fn body(&self, limb: usize) -> u64 {
-        let at = SUM_HEADER_LEN + 8 * limb;
+        let at = SUM_HEADER_LEN + BODY_BYTES * limb;
         u64::from_le_bytes(self.bytes[at..at + 8].try_into().unwrap())
     }
 
-    /// The mask of `limb`, as N little-endian u64 coefficients.
-    pub fn mask(&self, limb: usize) -> impl Iterator<Item = u64> + 'a {
-        let start =
-            SUM_HEADER_LEN + 8 * self.crypto.spec.limbs as usize + 8 * POLYNOMIAL_SIZE * limb;
+    /// The mask all limbs share, as N little-endian u64 coefficients.
+    pub fn mask(&self) -> impl Iterator<Item = u64> + 'a {
+        let start = SUM_HEADER_LEN + BODY_BYTES * self.crypto.spec.limbs as usize;
         self.bytes[start..start + 8 * POLYNOMIAL_SIZE]
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))

@@ -1,7 +1,7 @@
 //! Client-side encryption and decryption of Arrow data. Depends on tfhe and arrow only.
 //!
 //! [`Encryptor`] turns plaintext batches into encrypted ones: dimension columns pass through,
-//! measure columns become cells (see [`crate::crypto::cell`]). [`decrypt_batch`] turns any result batch
+//! measure columns become cells (see [`crate::crypto::cell`]), all on one common mask per row. [`decrypt_batch`] turns any result batch
 //! back into plaintext: he_sum results and raw cells become `Decimal128(38, scale)`.
 
 use std::collections::HashMap;
@@ -18,11 +18,12 @@ use tfhe::core_crypto::prelude::*;
 use tfhe::core_crypto::seeders::new_seeder;
 
 use crate::crypto::cell::{write_cell, CellRef, ColumnCrypto, ColumnKind, ColumnMarking, SumRef};
-use crate::crypto::encoding::{parse_decimal, MeasureSpec, MAX_PRECISION};
-use crate::crypto::glwe::{ChunkEncryptor, FourierKey};
+use crate::crypto::encoding::{parse_decimal, precision_limit, MeasureSpec, MAX_PRECISION};
+use crate::crypto::glwe::{ChunkEncryptor, FourierKeys};
 use crate::crypto::keys::{ClientKey, KeyId};
 use crate::crypto::mask::MaskGenerator;
-use crate::crypto::params::{GLWE_DIMENSION, LOG2_DELTA, PLAINTEXT_BITS, POLYNOMIAL_SIZE};
+use crate::crypto::params::{DEFAULT_MAX_ROWS_PER_SUM, GLWE_DIMENSION, POLYNOMIAL_SIZE};
+use crate::crypto::slots::SlotMap;
 use crate::error::{HedfError, Result};
 
 /// A measure column to encrypt: its name, decimal scale and (optionally) declared precision.
@@ -33,6 +34,9 @@ pub struct MeasureColumn {
     /// Digits of DECIMAL(precision, scale). `None` infers it from the data: the digit count of
     /// the largest |value|, which the server then learns as it would learn a declared type.
     pub precision: Option<u8>,
+    /// Rows one sum of this column may hold and still decrypt exactly; more rows per sum cost
+    /// more limbs (8 bytes each per value). See [`MeasureSpec::for_precision`].
+    pub max_rows_per_sum: u64,
 }
 
 impl MeasureColumn {
@@ -41,6 +45,7 @@ impl MeasureColumn {
             name: name.into(),
             scale,
             precision: None,
+            max_rows_per_sum: DEFAULT_MAX_ROWS_PER_SUM,
         }
     }
 
@@ -48,22 +53,22 @@ impl MeasureColumn {
         self.precision = Some(precision);
         self
     }
+
+    pub fn with_max_rows_per_sum(mut self, rows: u64) -> Self {
+        self.max_rows_per_sum = rows;
+        self
+    }
 }
 
-enum Plan {
-    Plain,
-    Measure {
-        crypto: ColumnCrypto,
-        seeds: Vec<u128>,
-    },
-}
-
-/// Encrypts a stream of batches of one schema as one segment (one fresh seed per measure limb).
+/// Encrypts a stream of batches of one schema as one segment: one fresh mask stream for the
+/// whole segment, every measure limb a body slot on it.
 pub struct Encryptor {
     schema: SchemaRef,
-    plans: Vec<Plan>,
-    /// The key in tfhe's Fourier domain, for the chunks' mask-times-key products.
-    fourier: FourierKey,
+    /// The measure columns: (input column, crypto, largest |value| the precision allows).
+    measures: Vec<(usize, ColumnCrypto, u64)>,
+    /// The slot keys in tfhe's Fourier domain, for the chunks' mask-times-key products.
+    fourier: FourierKeys,
+    seed: u128,
     next_chunk: u64,
     /// Rows encrypted so far, so errors name a row of the whole input.
     rows: usize,
@@ -72,10 +77,14 @@ pub struct Encryptor {
 impl Encryptor {
     /// `measures` must all have a precision; see [`encrypt_batches`] to infer it from data.
     pub fn new(key: &ClientKey, input: &Schema, measures: &[MeasureColumn]) -> Result<Self> {
-        let mut seeder = new_seeder();
-        let mut plans: Vec<Plan> = input.fields().iter().map(|_| Plan::Plain).collect();
+        let mut slots = SlotMap::default();
         let mut fields: Vec<Field> = input.fields().iter().map(|f| f.as_ref().clone()).collect();
-        for m in measures {
+        let mut planned = Vec::with_capacity(measures.len());
+        // Slots follow the input's column order, so listing the measures in another order
+        // gives the same table (an append must match the table's slots).
+        let mut ordered: Vec<&MeasureColumn> = measures.iter().collect();
+        ordered.sort_by_key(|m| input.index_of(&m.name).unwrap_or(usize::MAX));
+        for m in ordered {
             let (idx, field) = input.column_with_name(&m.name).ok_or_else(|| {
                 HedfError::Invalid(format!(
                     "no column {:?} to encrypt; the input has {:?}",
@@ -83,26 +92,39 @@ impl Encryptor {
                     input.fields().iter().map(|f| f.name()).collect::<Vec<_>>()
                 ))
             })?;
+            if planned.iter().any(|(i, _, _)| *i == idx) {
+                return Err(HedfError::Invalid(format!(
+                    "column {:?} is named twice as a measure",
+                    m.name
+                )));
+            }
             let precision = m.precision.ok_or_else(|| {
                 HedfError::Invalid(format!("column {:?} needs a declared precision", m.name))
             })?;
+            let spec = MeasureSpec::for_precision(precision, m.scale, m.max_rows_per_sum)?;
             let crypto = ColumnCrypto {
                 key_id: key.id(),
-                spec: MeasureSpec::for_precision(precision, m.scale)?,
+                spec,
+                slot: slots.assign(&spec)?,
             };
-            let seeds = (0..crypto.spec.limbs).map(|_| seeder.seed().0).collect();
             fields[idx] = Field::new(
                 field.name(),
                 DataType::FixedSizeBinary(crypto.cell_width() as i32),
                 true,
             )
             .with_metadata(ColumnMarking::new(ColumnKind::Cell, crypto, key).metadata());
-            plans[idx] = Plan::Measure { crypto, seeds };
+            let limit = precision_limit(precision).min(spec.max_abs() as u64);
+            planned.push((idx, crypto, limit));
         }
+        let slot_keys: Vec<_> = planned
+            .iter()
+            .flat_map(|(_, c, _)| (0..c.spec.limbs as u16).map(|l| key.slot_key(c.slot + l)))
+            .collect();
         Ok(Encryptor {
             schema: Arc::new(Schema::new(fields)),
-            plans,
-            fourier: FourierKey::new(key.bits()),
+            measures: planned,
+            fourier: FourierKeys::new(&slot_keys),
+            seed: new_seeder().seed().0,
             next_chunk: 0,
             rows: 0,
         })
@@ -116,34 +138,60 @@ impl Encryptor {
     /// Encrypts one batch. Each batch starts at a fresh chunk so no mask is ever reused.
     pub fn encrypt(&mut self, batch: &RecordBatch) -> Result<RecordBatch> {
         let first_chunk = self.next_chunk;
-        // Columns are independent: encrypt them in parallel (chunks inside are parallel too).
-        let columns = self
-            .plans
+        let n = batch.num_rows();
+        let slots = self.fourier.slots();
+        let values = self
+            .measures
             .par_iter()
-            .enumerate()
-            .map(|(idx, plan)| {
-                let column = batch.column(idx);
-                let Plan::Measure { crypto, seeds } = plan else {
-                    return Ok(column.clone());
-                };
-                let name = self.schema.field(idx).name();
-                let values = fixed_point_values(column, crypto.spec.scale, name, self.rows)?;
-                let too_large = |v: &Option<i64>| v.is_some_and(|v| v.unsigned_abs() > crypto.spec.max_abs() as u64);
+            .map(|(idx, crypto, limit)| {
+                let name = self.schema.field(*idx).name();
+                let values = fixed_point_values(batch.column(*idx), crypto.spec.scale, name, self.rows)?;
+                let too_large = |v: &Option<i64>| v.is_some_and(|v| v.unsigned_abs() > *limit);
                 if let Some(row) = values.iter().position(too_large) {
                     return Err(HedfError::Encoding {
                         column: name.clone(),
                         row: self.rows + row,
                         why: format!(
-                            "|value| exceeds what the declared precision allows (at most {} in fixed point)",
-                            crypto.spec.max_abs()
+                            "|value| exceeds what the declared precision allows (at most {limit} in fixed point)"
                         ),
                     });
                 }
-                Ok(Arc::new(encrypt_column(&self.fourier, crypto, seeds, &values, first_chunk)) as ArrayRef)
+                Ok(values)
             })
             .collect::<Result<Vec<_>>>()?;
-        self.next_chunk += batch.num_rows().div_ceil(POLYNOMIAL_SIZE) as u64;
-        self.rows += batch.num_rows();
+        let mut bodies = vec![0u64; n * slots];
+        let seed = self.seed;
+        let measures = &self.measures;
+        bodies
+            .par_chunks_mut(POLYNOMIAL_SIZE * slots.max(1))
+            .enumerate()
+            .for_each_init(
+                || (ChunkEncryptor::new(&self.fourier), Vec::new()),
+                |(encryptor, plain), (c, out)| {
+                    chunk_plaintexts(
+                        measures,
+                        &values,
+                        c * POLYNOMIAL_SIZE,
+                        slots,
+                        out.len(),
+                        plain,
+                    );
+                    encryptor.encrypt(seed, first_chunk + c as u64, plain, out)
+                },
+            );
+        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        for ((idx, crypto, _), values) in self.measures.iter().zip(&values) {
+            columns[*idx] = Arc::new(cell_column(
+                crypto,
+                seed,
+                first_chunk,
+                &bodies,
+                slots,
+                values,
+            ));
+        }
+        self.next_chunk += n.div_ceil(POLYNOMIAL_SIZE) as u64;
+        self.rows += n;
         Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
 }
@@ -313,61 +361,69 @@ fn fixed_point_values(
     }
 }
 
-/// Encrypts one column: per limb, each chunk of N rows is one seeded GLWE ciphertext.
-fn encrypt_column(
-    fourier: &FourierKey,
-    crypto: &ColumnCrypto,
-    seeds: &[u128],
-    values: &[Option<i64>],
-    first_chunk: u64,
-) -> FixedSizeBinaryArray {
-    let limbs = crypto.spec.limbs as usize;
-    let mut limb_values = vec![0i64; values.len() * limbs];
-    for (v, out) in values.iter().zip(limb_values.chunks_exact_mut(limbs)) {
-        crypto.spec.split(v.unwrap_or(0), out);
-    }
-    let mut bodies = vec![0u64; values.len() * limbs];
-    for (limb, &seed) in seeds.iter().enumerate() {
-        let mut limb_bodies = vec![0u64; values.len()];
-        limb_bodies
-            .par_chunks_mut(POLYNOMIAL_SIZE)
-            .enumerate()
-            .for_each_init(
-                || ChunkEncryptor::new(fourier),
-                |encryptor, (c, out)| {
-                    let values = (0..out.len())
-                        .map(|j| limb_values[(c * POLYNOMIAL_SIZE + j) * limbs + limb]);
-                    encryptor.encrypt(seed, first_chunk + c as u64, values, out);
-                },
-            );
-        for (r, b) in limb_bodies.into_iter().enumerate() {
-            bodies[r * limbs + limb] = b;
+/// The row-major plaintexts (one per slot, scaled by each column's delta) of the `len / slots`
+/// rows from `first`: what one chunk encrypts.
+fn chunk_plaintexts(
+    measures: &[(usize, ColumnCrypto, u64)],
+    values: &[Vec<Option<i64>>],
+    first: usize,
+    slots: usize,
+    len: usize,
+    out: &mut Vec<u64>,
+) {
+    out.clear();
+    out.resize(len, 0);
+    let mut limbs = [0i64; crate::crypto::encoding::MAX_LIMBS as usize];
+    for ((_, crypto, _), values) in measures.iter().zip(values) {
+        let spec = &crypto.spec;
+        let (slot, count) = (crypto.slot as usize, spec.limbs as usize);
+        for (row, v) in out.chunks_exact_mut(slots).zip(&values[first..]) {
+            spec.split(v.unwrap_or(0), &mut limbs[..count]);
+            for (p, limb) in row[slot..slot + count].iter_mut().zip(&limbs[..count]) {
+                *p = (*limb as u64).wrapping_shl(spec.log2_delta as u32);
+            }
         }
     }
+}
+
+/// One column's cells: each row's seed and position on the common mask, and its limbs' bodies
+/// from the row-major `bodies` of all slots.
+fn cell_column(
+    crypto: &ColumnCrypto,
+    seed: u128,
+    first_chunk: u64,
+    bodies: &[u64],
+    slots: usize,
+    values: &[Option<i64>],
+) -> FixedSizeBinaryArray {
+    let (first, limbs) = (crypto.slot as usize, crypto.spec.limbs as usize);
     let width = crypto.cell_width();
     let mut bytes = vec![0u8; values.len() * width];
     bytes
         .par_chunks_exact_mut(width)
         .enumerate()
         .for_each(|(r, cell)| {
-            let row = (first_chunk as usize * POLYNOMIAL_SIZE + r) as u64;
-            write_cell(
-                cell,
-                crypto,
-                row,
-                seeds,
-                &bodies[r * limbs..(r + 1) * limbs],
-            );
+            let row = first_chunk * POLYNOMIAL_SIZE as u64 + r as u64;
+            let at = r * slots + first;
+            write_cell(cell, crypto, row, seed, &bodies[at..at + limbs]);
         });
     let nulls = NullBuffer::from_iter(values.iter().map(Option::is_some));
     let nulls = (nulls.null_count() > 0).then_some(nulls);
     FixedSizeBinaryArray::new(width as i32, Buffer::from_vec(bytes), nulls)
 }
 
-/// Rounds a phase to the nearest multiple of delta and reads it as a signed plaintext.
-fn decode(phase: u64) -> i64 {
-    let rounded = phase.wrapping_add(1 << (LOG2_DELTA - 1)) >> LOG2_DELTA;
-    ((rounded << (64 - PLAINTEXT_BITS)) as i64) >> (64 - PLAINTEXT_BITS)
+/// Rounds a phase to the nearest multiple of 2^log2_delta and reads it as a signed plaintext.
+fn decode(phase: u64, log2_delta: u8) -> i64 {
+    let d = log2_delta as u32;
+    let rounded = phase.wrapping_add(1 << (d - 1)) >> d;
+    ((rounded << d) as i64) >> d
+}
+
+/// The secret keys of a column's slots, derived once per column.
+fn column_keys(key: &ClientKey, crypto: &ColumnCrypto) -> Vec<GlweSecretKeyOwned<u64>> {
+    (0..crypto.spec.limbs as u16)
+        .map(|l| key.slot_key(crypto.slot + l))
+        .collect()
 }
 
 fn check_key(key: &ClientKey, found: KeyId, what: &str) -> Result<()> {
@@ -390,6 +446,17 @@ pub fn decrypt_sum(
     expect: &ColumnCrypto,
     column: &str,
 ) -> Result<i128> {
+    decrypt_sum_with(key, &column_keys(key, expect), bytes, expect, column)
+}
+
+/// [`decrypt_sum`] with the column's slot keys at hand.
+fn decrypt_sum_with(
+    key: &ClientKey,
+    slot_keys: &[GlweSecretKeyOwned<u64>],
+    bytes: &[u8],
+    expect: &ColumnCrypto,
+    column: &str,
+) -> Result<i128> {
     let sum = SumRef::parse(bytes)?;
     check_key(key, sum.crypto.key_id, &format!("column {column:?}"))?;
     if sum.crypto != *expect {
@@ -407,35 +474,43 @@ pub fn decrypt_sum(
             why: spec.budget_reason(),
         });
     }
-    let mut limb_sums = [0i64; 3];
-    for (limb, out) in limb_sums.iter_mut().enumerate().take(spec.limbs as usize) {
-        *out = decode(sum_phase(key, &sum, limb));
-    }
-    Ok(spec.join(&limb_sums[..spec.limbs as usize]))
+    let mut buffer: Vec<u64> = sum.mask().collect();
+    buffer.push(0);
+    let limb_sums: Vec<i64> = slot_keys
+        .iter()
+        .enumerate()
+        .map(|(limb, secret)| {
+            decode(
+                sum_phase(secret, &mut buffer, sum.body(limb)),
+                spec.log2_delta,
+            )
+        })
+        .collect();
+    Ok(spec.join(&limb_sums))
 }
 
-/// body - <mask, key> of one limb of a sum: its plaintext times delta plus the summed noise.
-pub(crate) fn sum_phase(key: &ClientKey, sum: &SumRef<'_>, limb: usize) -> u64 {
-    let mut buffer: Vec<u64> = sum.mask(limb).collect();
-    buffer.push(sum.body(limb));
-    let ct = LweCiphertext::from_container(buffer.as_slice(), CiphertextModulus::new_native());
-    decrypt_lwe_ciphertext(&key.glwe().as_lwe_secret_key(), &ct).0
+/// body - <mask, key> of one limb of a sum (`lwe`: the sum's mask, then room for the body):
+/// its plaintext times delta plus the summed noise.
+pub(crate) fn sum_phase(secret: &GlweSecretKeyOwned<u64>, lwe: &mut [u64], body: u64) -> u64 {
+    *lwe.last_mut().expect("mask and body") = body;
+    let ct = LweCiphertext::from_container(&*lwe, CiphertextModulus::new_native());
+    decrypt_lwe_ciphertext(&secret.as_lwe_secret_key(), &ct).0
 }
 
-/// Decrypts single cells, regenerating each chunk's mask once.
-struct CellDecryptor<'k> {
-    key: &'k ClientKey,
+/// Decrypts single cells of one column, regenerating each chunk's mask once.
+struct CellDecryptor {
+    slot_keys: Vec<GlweSecretKeyOwned<u64>>,
     masks: MaskGenerator,
     chunk: Option<(u128, u64)>,
     glwe: GlweCiphertextOwned<u64>,
     lwe: LweCiphertextOwned<u64>,
 }
 
-impl<'k> CellDecryptor<'k> {
-    fn new(key: &'k ClientKey) -> Self {
+impl CellDecryptor {
+    fn new(key: &ClientKey, crypto: &ColumnCrypto) -> Self {
         let size = PolynomialSize(POLYNOMIAL_SIZE);
         CellDecryptor {
-            key,
+            slot_keys: column_keys(key, crypto),
             masks: MaskGenerator::default(),
             chunk: None,
             glwe: GlweCiphertext::new(
@@ -452,22 +527,28 @@ impl<'k> CellDecryptor<'k> {
         }
     }
 
-    fn limb(&mut self, seed: u128, row: u64, body: u64) -> i64 {
-        decode(self.phase(seed, row, body))
-    }
-
-    /// body - <mask, key>: the plaintext times delta plus noise.
-    fn phase(&mut self, seed: u128, row: u64, body: u64) -> u64 {
+    /// body - <mask, key of the limb's slot>: the limb times delta plus noise.
+    fn phase(&mut self, seed: u128, row: u64, limb: usize, body: u64) -> u64 {
         let chunk = row / POLYNOMIAL_SIZE as u64;
-        let slot = (row % POLYNOMIAL_SIZE as u64) as usize;
+        let at = (row % POLYNOMIAL_SIZE as u64) as usize;
         if self.chunk != Some((seed, chunk)) {
             let mask = self.masks.generate(seed, chunk).to_vec();
             self.glwe.get_mut_mask().as_mut().copy_from_slice(&mask);
             self.chunk = Some((seed, chunk));
         }
-        self.glwe.get_mut_body().as_mut()[slot] = body;
-        extract_lwe_sample_from_glwe_ciphertext(&self.glwe, &mut self.lwe, MonomialDegree(slot));
-        decrypt_lwe_ciphertext(&self.key.glwe().as_lwe_secret_key(), &self.lwe).0
+        self.glwe.get_mut_body().as_mut()[at] = body;
+        extract_lwe_sample_from_glwe_ciphertext(&self.glwe, &mut self.lwe, MonomialDegree(at));
+        decrypt_lwe_ciphertext(&self.slot_keys[limb].as_lwe_secret_key(), &self.lwe).0
+    }
+
+    fn value(&mut self, cell: &CellRef<'_>, spec: &MeasureSpec) -> i128 {
+        let limbs: Vec<i64> = (0..spec.limbs as usize)
+            .map(|l| {
+                let phase = self.phase(cell.seed(), cell.row(), l, cell.body(l));
+                decode(phase, spec.log2_delta)
+            })
+            .collect();
+        spec.join(&limbs)
     }
 }
 
@@ -483,30 +564,27 @@ fn decrypt_column(
     check_key(key, crypto.key_id, &format!("column {name:?}"))?;
     marking.verify(key, name)?;
     let values: Decimal128Array = match (marking.kind, column.data_type()) {
-        (ColumnKind::Sum, DataType::LargeBinary) => column
-            .as_any()
-            .downcast_ref::<LargeBinaryArray>()
-            .expect("type checked")
-            .iter()
-            .map(|v| {
-                v.map(|bytes| decrypt_sum(key, bytes, crypto, name))
-                    .transpose()
-            })
-            .collect::<Result<_>>()?,
+        (ColumnKind::Sum, DataType::LargeBinary) => {
+            let slot_keys = column_keys(key, crypto);
+            column
+                .as_any()
+                .downcast_ref::<LargeBinaryArray>()
+                .expect("type checked")
+                .iter()
+                .map(|v| {
+                    v.map(|bytes| decrypt_sum_with(key, &slot_keys, bytes, crypto, name))
+                        .transpose()
+                })
+                .collect::<Result<_>>()?
+        }
         (ColumnKind::Cell, DataType::FixedSizeBinary(_)) => {
-            let mut dec = CellDecryptor::new(key);
+            let mut dec = CellDecryptor::new(key, crypto);
             column
                 .as_fixed_size_binary()
                 .iter()
                 .map(|v| {
-                    v.map(|bytes| {
-                        let cell = CellRef::parse(bytes, crypto)?;
-                        let limbs: Vec<i64> = (0..crypto.spec.limbs as usize)
-                            .map(|l| dec.limb(cell.seed(l), cell.row(), cell.body(l)))
-                            .collect();
-                        Ok(crypto.spec.join(&limbs))
-                    })
-                    .transpose()
+                    v.map(|bytes| Ok(dec.value(&CellRef::parse(bytes, crypto)?, &crypto.spec)))
+                        .transpose()
                 })
                 .collect::<Result<_>>()?
         }
@@ -594,12 +672,19 @@ pub(crate) mod test_support {
         )])
         .unwrap();
         let measure = MeasureColumn::new("v", 0).with_precision(1);
-        let (_, encrypted) = encrypt_batches(key, &[zeros], &[measure]).unwrap();
-        let crypto = ColumnCrypto {
-            key_id: key.id(),
-            spec: MeasureSpec::for_precision(1, 0).unwrap(),
-        };
-        (crypto, encrypted[0].column(0).clone())
+        let (schema, encrypted) = encrypt_batches(key, &[zeros], &[measure]).unwrap();
+        let marking = ColumnMarking::from_metadata(schema.field(0).metadata())
+            .unwrap()
+            .unwrap();
+        (marking.crypto, encrypted[0].column(0).clone())
+    }
+
+    /// The phase of a sum's limb `limb` under `key`.
+    pub(crate) fn sum_limb_phase(key: &ClientKey, sum: &SumRef<'_>, limb: usize) -> u64 {
+        let mut lwe: Vec<u64> = sum.mask().collect();
+        lwe.push(0);
+        let secret = key.slot_key(sum.crypto.slot + limb as u16);
+        sum_phase(&secret, &mut lwe, sum.body(limb))
     }
 
     /// The LWE mask of the cell at `row` under `seed`, extracted by tfhe from the chunk's
@@ -616,8 +701,6 @@ pub(crate) mod test_support {
         extract_lwe_sample_from_glwe_ciphertext(&glwe, &mut lwe, slot);
         lwe.get_mask().as_ref().to_vec()
     }
-
-    pub(crate) use super::sum_phase;
 }
 
 #[cfg(test)]
@@ -634,11 +717,11 @@ mod tests {
         let n = 4 * POLYNOMIAL_SIZE;
         let (crypto, cells) = encrypted_zeros(&key, n);
         let cells = cells.as_fixed_size_binary();
-        let mut dec = CellDecryptor::new(&key);
+        let mut dec = CellDecryptor::new(&key, &crypto);
         let noise: Vec<f64> = (0..n)
             .map(|i| {
                 let cell = CellRef::parse(cells.value(i), &crypto).unwrap();
-                dec.phase(cell.seed(0), cell.row(), cell.body(0)) as i64 as f64
+                dec.phase(cell.seed(), cell.row(), 0, cell.body(0)) as i64 as f64
             })
             .collect();
         let mean = noise.iter().sum::<f64>() / n as f64;
@@ -671,19 +754,69 @@ mod tests {
 
     #[test]
     fn decoding_rounds_to_the_nearest_multiple_of_delta_and_keeps_the_sign() {
-        let delta = 1u64 << LOG2_DELTA;
-        assert_eq!(decode(5 * delta + delta / 2 - 1), 5);
-        assert_eq!(
-            decode(
-                (-7i64 as u64)
-                    .wrapping_mul(delta)
-                    .wrapping_sub(delta / 2 - 1)
+        for log2_delta in [12u8, 18, 20, 40] {
+            let delta = 1u64 << log2_delta;
+            let top = (1i64 << (63 - log2_delta)) - 1;
+            assert_eq!(decode(5 * delta + delta / 2 - 1, log2_delta), 5);
+            let minus_seven = (-7i64 as u64)
+                .wrapping_mul(delta)
+                .wrapping_sub(delta / 2 - 1);
+            assert_eq!(decode(minus_seven, log2_delta), -7);
+            assert_eq!(decode(top as u64 * delta, log2_delta), top);
+            assert_eq!(decode((-top - 1) as u64 * delta, log2_delta), -top - 1);
+        }
+    }
+
+    /// Every measure and limb of a row shares one mask (seed and row), each on its own slot,
+    /// and a body decrypts only under its own slot's key.
+    #[test]
+    fn measures_share_one_mask_on_distinct_slots() {
+        let key = ClientKey::generate();
+        let batch = RecordBatch::try_from_iter([
+            ("a", Arc::new(Int64Array::from(vec![5, -3, 7])) as ArrayRef),
+            (
+                "b",
+                Arc::new(Int64Array::from(vec![999_999_999_999_999_999, -1, 0])) as ArrayRef,
             ),
-            -7
-        );
-        assert_eq!(
-            decode(((1u64 << (PLAINTEXT_BITS - 1)) - 1) * delta),
-            (1 << (PLAINTEXT_BITS - 1)) - 1
-        );
+        ])
+        .unwrap();
+        let measures = [
+            MeasureColumn::new("a", 0).with_precision(2),
+            MeasureColumn::new("b", 0).with_precision(18),
+        ];
+        let (schema, out) = encrypt_batches(&key, &[batch], &measures).unwrap();
+        let crypto: Vec<ColumnCrypto> = schema
+            .fields()
+            .iter()
+            .map(|f| {
+                ColumnMarking::from_metadata(f.metadata())
+                    .unwrap()
+                    .unwrap()
+                    .crypto
+            })
+            .collect();
+        assert_eq!((crypto[0].slot, crypto[1].slot), (0, 1));
+        assert!(crypto[1].spec.limbs > 1);
+        for r in 0..3 {
+            let a = CellRef::parse(out[0].column(0).as_fixed_size_binary().value(r), &crypto[0])
+                .unwrap();
+            let b = CellRef::parse(out[0].column(1).as_fixed_size_binary().value(r), &crypto[1])
+                .unwrap();
+            assert_eq!((a.seed(), a.row()), (b.seed(), b.row()));
+        }
+        let plain = decrypt_batch(&key, &out[0]).unwrap();
+        let b = plain
+            .column(1)
+            .as_primitive::<arrow::datatypes::Decimal128Type>();
+        assert_eq!(b.value(0), 999_999_999_999_999_999);
+        assert_eq!(b.value(1), -1);
+        // Under the wrong slot's key the phase is uniform, not a small multiple of delta.
+        let cell =
+            CellRef::parse(out[0].column(0).as_fixed_size_binary().value(0), &crypto[0]).unwrap();
+        let mut right = CellDecryptor::new(&key, &crypto[0]);
+        let mut wrong = CellDecryptor::new(&key, &crypto[1]);
+        let noise = |p: u64| (p.wrapping_sub(5 << crypto[0].spec.log2_delta) as i64).unsigned_abs();
+        assert!(noise(right.phase(cell.seed(), cell.row(), 0, cell.body(0))) < 100);
+        assert!(noise(wrong.phase(cell.seed(), cell.row(), 0, cell.body(0))) > 1 << 40);
     }
 }

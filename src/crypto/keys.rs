@@ -1,4 +1,12 @@
-//! Client key material: the GLWE secret key and its public key id.
+//! Client key material: one master secret, the GLWE secret keys derived from it, and the
+//! key's public id.
+//!
+//! Common-mask ciphertexts (see [`crate::crypto::slots`]) put many bodies on one mask, each
+//! under its own independent secret key: the key of body slot `s` is a binary GLWE secret key
+//! that tfhe's secret generator (`SecretRandomGenerator`, AES-CTR) draws from the seed
+//! HMAC-SHA256(master, "hedf slot key v1" || s). HMAC-SHA256 is a PRF, so the slot keys are
+//! independent uniform binary keys to anyone without the master secret, as the Matrix-LWE
+//! argument of common-mask encryption requires; the file stores only the 32-byte master.
 //!
 //! Only the data owner's client holds a [`ClientKey`]. The server side of hedf (table provider,
 //! he_sum) never takes one: it sees key ids, seeds and ciphertexts only.
@@ -10,6 +18,7 @@ use std::path::Path;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use tfhe::core_crypto::commons::generators::SecretRandomGenerator;
+use tfhe::core_crypto::commons::math::random::Seed;
 use tfhe::core_crypto::prelude::*;
 use tfhe::core_crypto::seeders::new_seeder;
 
@@ -39,10 +48,13 @@ impl std::str::FromStr for KeyId {
     }
 }
 
-/// The secret key that encrypts measures and decrypts sums.
+/// Bytes of the master secret.
+const MASTER_LEN: usize = 32;
+
+/// The secret that encrypts measures and decrypts sums.
 pub struct ClientKey {
     id: KeyId,
-    secret: GlweSecretKeyOwned<u64>,
+    master: [u8; MASTER_LEN],
 }
 
 impl fmt::Debug for ClientKey {
@@ -54,15 +66,25 @@ impl fmt::Debug for ClientKey {
     }
 }
 
+impl Drop for ClientKey {
+    fn drop(&mut self) {
+        // Best effort: the master does not outlive the key in this struct.
+        self.master.fill(0);
+        std::hint::black_box(&self.master);
+    }
+}
+
 const MAGIC: &[u8; 8] = b"HEDFKEY\0";
-/// Version 2 added the check value; version 1 files are refused with a message naming it.
-const FORMAT_VERSION: u8 = 2;
-const HEADER_LEN: usize = 8 + 1 + 1 + 8 + 4;
+/// Version 3: a master secret for common-mask slot keys. Versions 1 and 2 (one GLWE key) are
+/// refused with a message naming them.
+const FORMAT_VERSION: u8 = 3;
+const HEADER_LEN: usize = 8 + 1 + 1 + 8;
 /// Trailing check value: the first bytes of SHA-256 over everything before it, so a damaged
 /// file is refused instead of decrypting to garbage.
 const CHECK_LEN: usize = 8;
-/// Domain separation of the key that tags column metadata (see [`ClientKey::tag`]).
+/// Domain separation of the derived secrets.
 const TAG_KEY_DOMAIN: &[u8] = b"hedf column-metadata tag key v1";
+const SLOT_KEY_DOMAIN: &[u8] = b"hedf slot key v1";
 
 /// Whether `bytes` hold a serialized client key (its magic anywhere in them), so code that
 /// must never store keys (the server) can refuse them.
@@ -71,70 +93,59 @@ pub fn is_key_material(bytes: &[u8]) -> bool {
 }
 
 impl ClientKey {
-    /// A fresh binary GLWE secret key from tfhe's secret generator, seeded by tfhe's seeder
-    /// (rdseed or the OS entropy source).
+    /// A fresh key: a 256-bit master secret and a 64-bit id, both from tfhe's seeder (rdseed or
+    /// the OS entropy source).
     pub fn generate() -> Self {
         let mut seeder = new_seeder();
-        let mut generator = SecretRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
-        let secret = allocate_and_generate_new_binary_glwe_secret_key(
-            GlweDimension(GLWE_DIMENSION),
-            PolynomialSize(POLYNOMIAL_SIZE),
-            &mut generator,
-        );
+        let mut master = [0u8; MASTER_LEN];
+        for half in master.chunks_exact_mut(16) {
+            half.copy_from_slice(&seeder.seed().0.to_le_bytes());
+        }
         let id = KeyId(seeder.seed().0 as u64);
-        ClientKey { id, secret }
+        ClientKey { id, master }
     }
 
     pub fn id(&self) -> KeyId {
         self.id
     }
 
-    pub(crate) fn glwe(&self) -> &GlweSecretKeyOwned<u64> {
-        &self.secret
+    fn prf(&self, domain: &[u8], message: &[u8]) -> [u8; 32] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.master).expect("any key length");
+        mac.update(domain);
+        mac.update(message);
+        mac.finalize().into_bytes().into()
     }
 
-    /// The key's coefficients (0 or 1), as decryption uses them.
-    pub(crate) fn bits(&self) -> &[u64] {
-        self.secret.as_ref()
+    /// The binary GLWE secret key of body slot `slot`, drawn by tfhe's secret generator from a
+    /// seed only the master determines.
+    pub(crate) fn slot_key(&self, slot: u16) -> GlweSecretKeyOwned<u64> {
+        let seed = self.prf(SLOT_KEY_DOMAIN, &slot.to_le_bytes());
+        let seed = u128::from_le_bytes(seed[..16].try_into().expect("16 of 32 bytes"));
+        let mut generator = SecretRandomGenerator::<DefaultRandomGenerator>::new(Seed(seed));
+        allocate_and_generate_new_binary_glwe_secret_key(
+            GlweDimension(GLWE_DIMENSION),
+            PolynomialSize(POLYNOMIAL_SIZE),
+            &mut generator,
+        )
     }
 
     /// A keyed tag (HMAC-SHA256, truncated to 128 bits) of public bytes, e.g. a column's
     /// encryption parameters: only the key's holder can make one, so the client can tell
     /// metadata it wrote from metadata altered on the way (see `cell::ColumnMarking`).
     pub fn tag(&self, message: &[u8]) -> [u8; 16] {
-        let mut key = Sha256::new();
-        key.update(TAG_KEY_DOMAIN);
-        key.update(self.secret_bytes());
-        let mut mac = Hmac::<Sha256>::new_from_slice(&key.finalize()).expect("any key length");
-        mac.update(message);
-        mac.finalize().into_bytes()[..16]
+        self.prf(TAG_KEY_DOMAIN, message)[..16]
             .try_into()
             .expect("16 of 32 bytes")
     }
 
-    /// The secret coefficients packed one bit each, as the key file stores them.
-    fn secret_bytes(&self) -> Vec<u8> {
-        self.bits()
-            .chunks(8)
-            .map(|byte| {
-                byte.iter()
-                    .enumerate()
-                    .fold(0u8, |acc, (i, &b)| acc | ((b as u8) << i))
-            })
-            .collect()
-    }
-
-    /// Serialises the key: magic, version, parameter id, key id, N, one bit per coefficient,
-    /// then the check value.
+    /// Serialises the key: magic, version, parameter id, key id, master secret, check value.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let bits = self.bits();
-        let mut out = Vec::with_capacity(HEADER_LEN + bits.len() / 8 + CHECK_LEN);
+        let mut out = Vec::with_capacity(HEADER_LEN + MASTER_LEN + CHECK_LEN);
         out.extend_from_slice(MAGIC);
         out.push(FORMAT_VERSION);
         out.push(PARAMS_ID);
         out.extend_from_slice(&self.id.0.to_le_bytes());
-        out.extend_from_slice(&(bits.len() as u32).to_le_bytes());
-        out.extend_from_slice(&self.secret_bytes());
+        out.extend_from_slice(&self.master);
         let check = check_value(&out);
         out.extend_from_slice(&check);
         out
@@ -155,10 +166,8 @@ impl ClientKey {
         if bytes[9] != PARAMS_ID {
             return Err(bad(&format!("unknown parameter set id {}", bytes[9])));
         }
-        let id = KeyId(u64::from_le_bytes(bytes[10..18].try_into().unwrap()));
-        let n = u32::from_le_bytes(bytes[18..22].try_into().unwrap()) as usize;
-        if n != POLYNOMIAL_SIZE * GLWE_DIMENSION || bytes.len() != HEADER_LEN + n / 8 + CHECK_LEN {
-            return Err(bad("key length does not match the parameter set"));
+        if bytes.len() != HEADER_LEN + MASTER_LEN + CHECK_LEN {
+            return Err(bad("key length does not match the format"));
         }
         let (body, check) = bytes.split_at(bytes.len() - CHECK_LEN);
         if check != check_value(body) {
@@ -166,13 +175,9 @@ impl ClientKey {
                 "the key file is damaged (its check value does not match); restore it from a backup",
             ));
         }
-        let coefficients: Vec<u64> = body[HEADER_LEN..]
-            .iter()
-            .flat_map(|byte| (0..8).map(move |i| u64::from((byte >> i) & 1)))
-            .collect();
-        let secret =
-            GlweSecretKeyOwned::from_container(coefficients, PolynomialSize(POLYNOMIAL_SIZE));
-        Ok(ClientKey { id, secret })
+        let id = KeyId(u64::from_le_bytes(bytes[10..18].try_into().unwrap()));
+        let master = body[HEADER_LEN..].try_into().expect("length checked");
+        Ok(ClientKey { id, master })
     }
 
     /// Writes the key file with mode 0600; refuses to replace an existing file unless `force`.
@@ -249,11 +254,10 @@ mod tests {
     fn key_file_round_trips_and_rejects_garbage() {
         let key = ClientKey::generate();
         let bytes = key.to_bytes();
-        assert_eq!(bytes.len(), HEADER_LEN + POLYNOMIAL_SIZE / 8 + CHECK_LEN);
+        assert_eq!(bytes.len(), HEADER_LEN + MASTER_LEN + CHECK_LEN);
         let back = ClientKey::from_bytes(&bytes).unwrap();
         assert_eq!(back.id(), key.id());
-        assert_eq!(back.bits(), key.bits());
-        assert!(key.bits().iter().all(|&b| b <= 1));
+        assert_eq!(back.slot_key(3).as_ref(), key.slot_key(3).as_ref());
         assert!(ClientKey::from_bytes(&bytes[..bytes.len() - 1]).is_err());
         let mut wrong = bytes.clone();
         wrong[9] = 99;
@@ -269,16 +273,59 @@ mod tests {
     #[test]
     fn damaged_and_old_key_files_are_refused() {
         let bytes = ClientKey::generate().to_bytes();
-        for at in [HEADER_LEN, HEADER_LEN + 100, bytes.len() - 1] {
+        for at in [HEADER_LEN, HEADER_LEN + 20, bytes.len() - 1] {
             let mut damaged = bytes.clone();
             damaged[at] ^= 0x10;
             let e = ClientKey::from_bytes(&damaged).unwrap_err().to_string();
             assert!(e.contains("damaged"), "byte {at}: {e}");
         }
-        let mut old = bytes.clone();
-        old[8] = 1;
-        let e = ClientKey::from_bytes(&old).unwrap_err().to_string();
-        assert!(e.contains("key format version 1"), "{e}");
+        for version in [1, 2] {
+            let mut old = bytes.clone();
+            old[8] = version;
+            let e = ClientKey::from_bytes(&old).unwrap_err().to_string();
+            assert!(e.contains(&format!("key format version {version}")), "{e}");
+        }
+    }
+
+    /// Slot keys are binary, reproducible from the file, distinct per slot and per key, and
+    /// about half ones (a uniform binary key).
+    #[test]
+    fn slot_keys_are_distinct_reproducible_binary_keys() {
+        let (a, b) = (ClientKey::generate(), ClientKey::generate());
+        let keys: Vec<Vec<u64>> = (0..4).map(|s| a.slot_key(s).as_ref().to_vec()).collect();
+        for (i, k) in keys.iter().enumerate() {
+            assert!(k.iter().all(|&bit| bit <= 1));
+            let ones = k.iter().sum::<u64>() as usize;
+            assert!((1800..2300).contains(&ones), "slot {i}: {ones} ones");
+            for other in &keys[i + 1..] {
+                assert_ne!(k, other);
+            }
+        }
+        assert_ne!(keys[0], b.slot_key(0).as_ref());
+        let again = ClientKey::from_bytes(&a.to_bytes()).unwrap();
+        assert_eq!(again.slot_key(2).as_ref(), &keys[2][..]);
+    }
+
+    /// Known answer: a key file holds only the master secret, so a change in tfhe's secret
+    /// generator would silently turn every saved key into another one. This fails first.
+    #[test]
+    fn slot_keys_derive_as_saved_keys_expect() {
+        let key = ClientKey {
+            id: KeyId(1),
+            master: std::array::from_fn(|i| i as u8),
+        };
+        let mut hash = Sha256::new();
+        for slot in [0, 1, 1023] {
+            for bit in key.slot_key(slot).as_ref() {
+                hash.update([*bit as u8]);
+            }
+        }
+        hash.update(key.tag(b"x"));
+        let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "55da1602ed5e2de2726e78f0eb8973a1d949e903b1306ab4c94e5f3a065c8a67"
+        );
     }
 
     #[test]

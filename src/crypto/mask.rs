@@ -1,6 +1,7 @@
 //! Mask regeneration: the public half of a seeded GLWE ciphertext, rebuilt from its seed.
 //!
-//! A column segment draws one 128-bit seed per limb from tfhe's seeder. Chunk `c` (rows
+//! A table segment draws one 128-bit seed from tfhe's seeder; all its columns and limbs share
+//! the masks (common mask, see [`crate::crypto::slots`]). Chunk `c` (rows
 //! `c*N .. (c+1)*N`) is a seeded GLWE ciphertext whose mask is the AES-CTR stream of that seed
 //! from byte `c * N * 8` on: consecutive, non-overlapping windows of one stream, so no mask is
 //! ever used twice. The stream comes from tfhe's own seeded-GLWE decompression, both when a
@@ -72,6 +73,25 @@ impl MaskGenerator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
+
+    /// Known answer: stored tables hold only seeds, so a dependency bump that changed tfhe's
+    /// mask stream would leave every stored table undecryptable. This fails first.
+    #[test]
+    fn the_mask_stream_is_the_one_stored_tables_were_encrypted_on() {
+        let mut gen = MaskGenerator::default();
+        let mut hash = Sha256::new();
+        for chunk in [0, 1, 1 << 40] {
+            for c in gen.generate(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210, chunk) {
+                hash.update(c.to_le_bytes());
+            }
+        }
+        let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "512c73cad6382964a0b477613e8c24daf105e0259dd0fb58994b23dc886c7eb0"
+        );
+    }
 
     #[test]
     fn chunks_are_consecutive_disjoint_windows_of_one_stream() {

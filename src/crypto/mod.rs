@@ -4,8 +4,9 @@
 //!
 //! [`params`] names the tfhe parameter set and derives the exact-sum budget; [`keys`] holds
 //! the secret key; [`encoding`] turns decimals into fixed-point limbs; [`cell`] defines the
-//! byte layouts and field metadata; [`mask`] regenerates public masks from seeds; [`glwe`]
-//! encrypts one chunk; [`client`] encrypts Arrow batches and decrypts results.
+//! byte layouts and field metadata; [`slots`] numbers the bodies that share a common mask;
+//! [`mask`] regenerates public masks from seeds; [`glwe`] encrypts one chunk; [`client`]
+//! encrypts Arrow batches and decrypts results.
 
 pub mod cell;
 pub mod client;
@@ -14,3 +15,4 @@ pub mod glwe;
 pub mod keys;
 pub mod mask;
 pub mod params;
+pub mod slots;

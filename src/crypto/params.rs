@@ -9,9 +9,11 @@
 //! key switching or bootstrapping, so the security of stored and summed ciphertexts is that of
 //! this instance: 128 bits.
 //!
-//! Plaintexts are scaled by delta = 2^18, leaving 46 plaintext bits (sign included). A sum of
-//! `n` cells decrypts exactly when its noise stays below delta/2 and its value fits the plaintext
-//! space; [`max_rows`] turns both into a row budget with failure probability below 2^-40.
+//! Plaintexts are scaled by delta = 2^log2_delta, chosen per column from the rows one sum may
+//! hold ([`log2_delta_for`]) and carried in its metadata, leaving 64 - log2_delta plaintext bits
+//! (sign included). A sum of `n` cells
+//! decrypts exactly when its noise stays below delta/2 and its value fits the plaintext space;
+//! [`max_rows`] turns both into a row budget with failure probability below 2^-40.
 
 /// Identifies this parameter set in every cell, result and key file.
 pub const PARAMS_ID: u8 = 1;
@@ -23,31 +25,49 @@ pub const POLYNOMIAL_SIZE: usize = 4096;
 pub const GLWE_DIMENSION: usize = 1;
 /// Noise standard deviation relative to the torus, as tfhe states it.
 pub const NOISE_STD_DEV: f64 = 2.168404344971009e-19;
-/// log2 of the plaintext scaling factor.
-pub const LOG2_DELTA: u32 = 18;
-/// Plaintext bits available to a sum, sign included.
-pub const PLAINTEXT_BITS: u32 = 64 - LOG2_DELTA;
+/// The scaling factors a column may declare: enough noise room below, a plaintext bit above.
+pub const LOG2_DELTA_RANGE: std::ops::RangeInclusive<u32> = 12..=40;
 /// Tail bound: P(|Z| > 7.2) = 6.0e-13 < 2^-40 for a standard normal Z.
 const Z_FAIL: f64 = 7.2;
-/// Widest limb: with 25-bit limbs a sum over 2^20 rows still fits the 46 plaintext bits.
+/// Widest limb hedf splits values into.
 pub const MAX_LIMB_BITS: u32 = 25;
+/// Rows one sum may hold unless the table asks otherwise: 2^27 (134 million), for any
+/// DECIMAL(18, s).
+pub const DEFAULT_MAX_ROWS_PER_SUM: u64 = 1 << 27;
+/// The most rows per sum a table may ask for.
+pub const MAX_ROWS_PER_SUM: u64 = 1 << 31;
 
 /// Rows a sum may have before its noise could exceed delta/2 with probability 2^-40.
 ///
 /// tfhe samples a continuous Gaussian and rounds it to the integer torus, so the per-cell
 /// variance is sigma^2 + 1/12; noises of distinct cells are independent and add up.
-pub fn noise_max_rows() -> u64 {
+pub fn noise_max_rows(log2_delta: u32) -> u64 {
     let sigma = NOISE_STD_DEV * 2f64.powi(64);
     let sd = (sigma * sigma + 1.0 / 12.0).sqrt();
-    let half_delta = 2f64.powi(LOG2_DELTA as i32 - 1);
+    let half_delta = 2f64.powi(log2_delta as i32 - 1);
     let root = half_delta / (Z_FAIL * sd);
     (root * root).floor() as u64
 }
 
-/// Rows a sum of limbs bounded by `|limb| < 2^limb_bits` may have and still decrypt exactly.
-pub fn max_rows(limb_bits: u32) -> u64 {
-    let plaintext_room = ((1u64 << (PLAINTEXT_BITS - 1)) - 1) / ((1u64 << limb_bits) - 1);
-    plaintext_room.min(noise_max_rows())
+/// Rows a sum of limbs bounded by `|limb| < 2^limb_bits`, scaled by 2^log2_delta, may have and
+/// still decrypt exactly.
+pub fn max_rows(limb_bits: u32, log2_delta: u32) -> u64 {
+    let plaintext_room = ((1u64 << (63 - log2_delta)) - 1) / ((1u64 << limb_bits) - 1);
+    plaintext_room.min(noise_max_rows(log2_delta))
+}
+
+/// The smallest scaling factor whose noise room holds sums of `rows` rows.
+pub fn log2_delta_for(rows: u64) -> Option<u32> {
+    LOG2_DELTA_RANGE
+        .into_iter()
+        .find(|&d| noise_max_rows(d) >= rows)
+}
+
+/// The widest limb a sum of `rows` rows scaled by 2^log2_delta still holds exactly.
+pub fn limb_bits_for(rows: u64, log2_delta: u32) -> Option<u32> {
+    (1..=MAX_LIMB_BITS)
+        .rev()
+        .find(|&bits| max_rows(bits, log2_delta) >= rows)
 }
 
 #[cfg(test)]
@@ -55,16 +75,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn budget_meets_the_2_pow_20_rows_floor_for_every_limb_width() {
-        assert!(
-            noise_max_rows() > 1 << 24,
-            "noise budget {}",
-            noise_max_rows()
-        );
+    fn budget_at_delta_2_pow_18_meets_2_pow_20_rows_for_every_limb_width() {
+        const LOG2_DELTA: u32 = 18;
+        let noise = noise_max_rows(LOG2_DELTA);
+        assert!(noise > 1 << 24, "noise budget {noise}");
         for bits in 1..=MAX_LIMB_BITS {
-            assert!(max_rows(bits) >= 1 << 20, "{bits} bits: {}", max_rows(bits));
+            let rows = max_rows(bits, LOG2_DELTA);
+            assert!(rows >= 1 << 20, "{bits} bits: {rows}");
         }
-        assert!(max_rows(MAX_LIMB_BITS + 1) < 1 << 20);
+        assert!(max_rows(MAX_LIMB_BITS + 1, LOG2_DELTA) < 1 << 20);
+        // Two more bits of delta give 16 times the noise room.
+        assert!(noise_max_rows(LOG2_DELTA + 2) >= 16 * noise - 16);
+    }
+
+    /// The figures README's budget table quotes.
+    #[test]
+    fn budgets_by_rows_per_sum() {
+        let at = |rows: u64| {
+            let d = log2_delta_for(rows).unwrap();
+            (d, limb_bits_for(rows, d).unwrap())
+        };
+        assert_eq!(at(1 << 20), (16, 25));
+        assert_eq!(at(1 << 24), (18, 21));
+        assert_eq!(at(DEFAULT_MAX_ROWS_PER_SUM), (20, 16));
+        assert_eq!(at(MAX_ROWS_PER_SUM), (22, 10));
+        for rows in [1, 1000, 1 << 27, MAX_ROWS_PER_SUM] {
+            let (d, bits) = at(rows);
+            assert!(max_rows(bits, d) >= rows && noise_max_rows(d) >= rows);
+            assert!(d == *LOG2_DELTA_RANGE.start() || noise_max_rows(d - 1) < rows);
+        }
     }
 
     #[test]

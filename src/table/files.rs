@@ -11,6 +11,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+use crate::crypto::cell::ColumnMarking;
 use crate::crypto::client::{infer_precisions, Encryptor, MeasureColumn};
 use crate::crypto::keys::ClientKey;
 use crate::error::{HedfError, Result};
@@ -207,6 +208,34 @@ pub fn encrypt_to_parquet(
         Ok::<_, HedfError>(())
     })?;
     writer.finish()
+}
+
+/// One line per encrypted column of a Parquet file written by [`encrypt_to_parquet`]: its limbs,
+/// stored bytes per value and the rows a sum of it may hold.
+pub fn encoding_report(path: &Path) -> Result<String> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?;
+    let lines: Vec<String> = builder
+        .schema()
+        .fields()
+        .iter()
+        .filter_map(|f| {
+            ColumnMarking::from_metadata(f.metadata())
+                .transpose()
+                .map(|m| (f.name(), m))
+        })
+        .map(|(name, marking)| {
+            let spec = marking?.crypto.spec;
+            Ok(format!(
+                "{name}: {} limb(s) of {} bits, delta 2^{}, {} B/value, sums of up to {} rows",
+                spec.limbs,
+                spec.limb_bits,
+                spec.log2_delta,
+                spec.bytes_per_value(),
+                spec.max_rows()
+            ))
+        })
+        .collect::<Result<_>>()?;
+    Ok(lines.join("\n"))
 }
 
 /// The row count of a Parquet file from its footer; `None` for other files.

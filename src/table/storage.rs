@@ -1,10 +1,12 @@
 //! The on-disk layout of an encrypted table and its conversion to and from engine cells.
 //!
 //! Per measure column `m` a Parquet file holds `m` (the limb bodies, 8 bytes a limb, PLAIN,
-//! uncompressed: ciphertext does not compress), `__hedf_row__m` (row numbers, DELTA_BINARY_PACKED:
-//! consecutive rows cost ~0 bytes) and `__hedf_seed__m` (segment seeds, dictionary-encoded: one
-//! entry per row group). So a value costs its 8-byte body and the rest is shared per chunk.
-//! Field metadata (`hedf.*`) on `m` makes the file self-describing for any Parquet reader.
+//! uncompressed: ciphertext does not compress). All measures of a row share one mask (common
+//! mask, see `crypto::slots`), named once per row by `__hedf_row__` (its position in the mask
+//! stream, DELTA_BINARY_PACKED: consecutive rows cost ~0 bytes) and `__hedf_seed__` (the
+//! segment's mask seed, dictionary-encoded: one entry per row group). So a value costs its
+//! 8-byte bodies and the rest is shared by the row and the chunk. Field metadata (`hedf.*`) on
+//! `m` makes the file self-describing for any Parquet reader.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -20,13 +22,17 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersi
 use parquet::schema::types::ColumnPath;
 use tempfile::NamedTempFile;
 
-use crate::crypto::cell::{assemble_cell, CellRef, ColumnCrypto, ColumnKind, ColumnMarking};
+use crate::crypto::cell::{
+    assemble_cell, CellRef, ColumnCrypto, ColumnKind, ColumnMarking, SEED_BYTES,
+};
 use crate::crypto::keys::{is_key_material, KeyId};
 use crate::crypto::params::POLYNOMIAL_SIZE;
+use crate::crypto::slots::check_disjoint;
 use crate::error::{HedfError, Result};
 
-const ROW_PREFIX: &str = "__hedf_row__";
-const SEED_PREFIX: &str = "__hedf_seed__";
+/// The row's position in its segment's mask stream, and that stream's seed.
+const ROW_COLUMN: &str = "__hedf_row__";
+const SEED_COLUMN: &str = "__hedf_seed__";
 /// Rows per Parquet row group: a whole number of chunks.
 const ROW_GROUP_ROWS: usize = 16 * POLYNOMIAL_SIZE;
 
@@ -36,6 +42,7 @@ pub(crate) enum ColumnLayout {
     Plain {
         storage: usize,
     },
+    /// `row` and `seed` are the table's shared mask columns.
     Cell {
         marking: ColumnMarking,
         body: usize,
@@ -63,7 +70,6 @@ impl StorageLayout {
     /// well-formed cell columns, one key id, no key material in metadata.
     pub fn from_engine(engine: &Schema) -> Result<Self> {
         let mut storage_fields = Vec::new();
-        let mut extra = Vec::new();
         let mut columns = Vec::new();
         let mut key_id = None;
         refuse_key_material_in_metadata("the schema", engine.metadata())?;
@@ -134,27 +140,27 @@ impl StorageLayout {
                         )
                         .with_metadata(field.metadata().clone()),
                     );
-                    extra.push(Field::new(
-                        format!("{ROW_PREFIX}{}", field.name()),
-                        DataType::UInt64,
-                        true,
-                    ));
-                    extra.push(Field::new(
-                        format!("{SEED_PREFIX}{}", field.name()),
-                        DataType::FixedSizeBinary(crypto.seeds_width() as i32),
-                        true,
-                    ));
                 }
             }
         }
-        let mut next = storage_fields.len();
-        for c in columns.iter_mut() {
-            if let ColumnLayout::Cell { row, seed, .. } = c {
-                (*row, *seed) = (next, next + 1);
-                next += 2;
+        check_disjoint(columns.iter().filter_map(|c| match c {
+            ColumnLayout::Cell { marking, .. } => Some(marking.crypto.slots()),
+            ColumnLayout::Plain { .. } => None,
+        }))?;
+        if key_id.is_some() {
+            let (row_at, seed_at) = (storage_fields.len(), storage_fields.len() + 1);
+            for c in columns.iter_mut() {
+                if let ColumnLayout::Cell { row, seed, .. } = c {
+                    (*row, *seed) = (row_at, seed_at);
+                }
             }
+            storage_fields.push(Field::new(ROW_COLUMN, DataType::UInt64, true));
+            storage_fields.push(Field::new(
+                SEED_COLUMN,
+                DataType::FixedSizeBinary(SEED_BYTES as i32),
+                true,
+            ));
         }
-        storage_fields.extend(extra);
         Ok(StorageLayout {
             engine: Arc::new(Schema::new(engine.fields().clone())),
             storage: Arc::new(Schema::new(storage_fields)),
@@ -199,58 +205,65 @@ impl StorageLayout {
         Ok(layout)
     }
 
-    /// Splits a batch of engine cells into stored parts (bodies, rows, seeds), validating every
-    /// cell against its column.
+    /// Splits a batch of engine cells into stored parts (bodies, then the rows' shared mask
+    /// row and seed), validating every cell against its column. The cells of one row must
+    /// share their mask, as a hedf client encrypts them.
     pub fn split_cells(&self, batch: &RecordBatch) -> Result<RecordBatch> {
         if batch.schema().fields().len() != self.engine.fields().len() {
             return Err(HedfError::Invalid(
                 "batch does not match the table's schema".into(),
             ));
         }
-        let mut plain: Vec<ArrayRef> = Vec::new();
-        let mut extra: Vec<ArrayRef> = Vec::new();
+        let n = batch.num_rows();
+        let mut out: Vec<ArrayRef> = Vec::with_capacity(self.storage.fields().len());
+        let mut masks: Vec<Option<(u64, &[u8])>> = vec![None; n];
         for (layout, column) in self.columns.iter().zip(batch.columns()) {
             let ColumnLayout::Cell { marking, .. } = layout else {
-                plain.push(column.clone());
+                out.push(column.clone());
                 continue;
             };
             let crypto = &marking.crypto;
             let cells = column
                 .as_fixed_size_binary_opt()
                 .ok_or_else(|| HedfError::Invalid("cell column is not FixedSizeBinary".into()))?;
-            let (body_width, seed_width) = (crypto.bodies_width(), crypto.seeds_width());
-            let (mut bodies, mut seeds, mut rows) = (
-                Vec::with_capacity(cells.len() * body_width),
-                Vec::with_capacity(cells.len() * seed_width),
-                Vec::with_capacity(cells.len()),
-            );
-            for i in 0..cells.len() {
+            let body_width = crypto.bodies_width();
+            let mut bodies = Vec::with_capacity(n * body_width);
+            for (i, mask) in masks.iter_mut().enumerate() {
                 if cells.is_null(i) {
                     bodies.resize(bodies.len() + body_width, 0);
-                    seeds.resize(seeds.len() + seed_width, 0);
-                    rows.push(0);
                     continue;
                 }
                 let cell = CellRef::parse(cells.value(i), crypto)?;
                 bodies.extend_from_slice(cell.body_bytes());
-                seeds.extend_from_slice(cell.seed_bytes());
-                rows.push(cell.row());
+                let this = (cell.row(), cell.seed_bytes());
+                match mask {
+                    None => *mask = Some(this),
+                    Some(first) if *first == this => {}
+                    Some(_) => {
+                        return Err(HedfError::Invalid(format!(
+                            "row {i}: the encrypted values of one row come from different \
+                             encryptions (their masks differ); upload rows as a hedf client \
+                             encrypted them, not columns combined from several tables"
+                        )))
+                    }
+                }
             }
-            let nulls = cells.nulls().cloned();
-            plain.push(Arc::new(FixedSizeBinaryArray::new(
+            out.push(Arc::new(FixedSizeBinaryArray::new(
                 body_width as i32,
                 Buffer::from_vec(bodies),
-                nulls.clone(),
-            )));
-            extra.push(Arc::new(UInt64Array::new(rows.into(), nulls.clone())));
-            extra.push(Arc::new(FixedSizeBinaryArray::new(
-                seed_width as i32,
-                Buffer::from_vec(seeds),
-                nulls,
+                cells.nulls().cloned(),
             )));
         }
-        plain.extend(extra);
-        Ok(RecordBatch::try_new(self.storage.clone(), plain)?)
+        if self.key_id.is_some() {
+            let rows: UInt64Array = masks.iter().map(|m| m.map(|(row, _)| row)).collect();
+            let seeds = FixedSizeBinaryArray::try_from_sparse_iter_with_size(
+                masks.iter().map(|m| m.map(|(_, seed)| seed)),
+                SEED_BYTES as i32,
+            )?;
+            out.push(Arc::new(rows));
+            out.push(Arc::new(seeds));
+        }
+        Ok(RecordBatch::try_new(self.storage.clone(), out)?)
     }
 
     fn writer_properties(&self) -> WriterProperties {
@@ -266,7 +279,7 @@ impl StorageLayout {
                 .ok()
                 .flatten()
                 .is_some();
-            if is_cipher || name.starts_with(SEED_PREFIX) || name.starts_with(ROW_PREFIX) {
+            if is_cipher || name == SEED_COLUMN || name == ROW_COLUMN {
                 // Random bytes: compression and statistics cost CPU and save nothing.
                 props = props
                     .set_column_compression(path.clone(), Compression::UNCOMPRESSED)
@@ -276,7 +289,7 @@ impl StorageLayout {
                 props = props
                     .set_column_dictionary_enabled(path.clone(), false)
                     .set_column_encoding(path, Encoding::PLAIN);
-            } else if name.starts_with(ROW_PREFIX) {
+            } else if name == ROW_COLUMN {
                 props = props
                     .set_column_dictionary_enabled(path.clone(), false)
                     .set_column_encoding(path, Encoding::DELTA_BINARY_PACKED);
@@ -550,7 +563,7 @@ pub(crate) fn assemble_cells(
     let rows = rows
         .as_primitive_opt::<arrow::datatypes::UInt64Type>()
         .ok_or_else(malformed)?;
-    let (body_width, seed_width) = (crypto.bodies_width(), crypto.seeds_width());
+    let (body_width, seed_width) = (crypto.bodies_width(), SEED_BYTES);
     if bodies.value_length() as usize != body_width || seeds.value_length() as usize != seed_width {
         return Err(malformed());
     }

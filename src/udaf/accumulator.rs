@@ -1,12 +1,13 @@
-//! The he_sum group accumulator: per group, a row count, the limb body sums and the limb mask
-//! sums (N coefficients each). Adds are wrapping u64 on the torus; nothing here needs a key.
+//! The he_sum group accumulator: per group, a row count, the limb body sums and one mask sum
+//! (N coefficients) that all limbs share, since they share their rows' common mask. Adds are
+//! wrapping u64 on the torus; nothing here needs a key.
 //!
-//! Row `j` of a chunk with mask polynomial `a` is the LWE sample extracted at slot `j`, whose mask
+//! Row `j` of a chunk with mask polynomial `a` is the LWE sample extracted at position `j`, whose mask
 //! is `v_j[i] = w[j - i]` with `w[t] = a[t]` for `t >= 0` and `w[t] = -a[N + t]` for `t < 0`.
 //! With `R` the reversed prefix sums of `w` (built once per chunk, O(N)), a run of consecutive
-//! slots `j0..=j1` of one group adds `R[N-1-j1+i] - R[N-j0+i]` to coefficient `i`: O(N) for the
+//! positions `j0..=j1` of one group adds `R[N-1-j1+i] - R[N-j0+i]` to coefficient `i`: O(N) for the
 //! whole run, however long. Clustered data costs O(N) per chunk; scattered rows O(N) per row,
-//! with a chunk's rows sorted by (group, slot) and each group's rows added 64 coefficients at a
+//! with a chunk's rows sorted by (group, position) and each group's rows added 64 coefficients at a
 //! time, so its accumulator is read and written once per chunk.
 
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, LargeBinaryArray, Lar
 use datafusion::error::Result;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 
-use crate::crypto::cell::{seed_of, write_sum, CellRef, ColumnCrypto, SumRef};
+use crate::crypto::cell::{write_sum, CellRef, ColumnCrypto, SumRef};
 use crate::crypto::mask::MaskGenerator;
 use crate::crypto::params::POLYNOMIAL_SIZE as N;
 use crate::error::HedfError;
@@ -25,7 +26,7 @@ const CELL_STATE_TAG: &[u8; 4] = b"HCEL";
 /// Chunk tables kept; rows arrive in chunk order, so a few suffice.
 const CACHED_CHUNKS: usize = 4;
 
-/// What one chunk contributes, precomputed once per (seed, chunk) and limb:
+/// What one chunk contributes, precomputed once per (seed, chunk):
 /// `prefix` (2N+1, reversed prefix sums of `w`) for runs, `single` (2N, `w` reversed) for
 /// lone rows, which then cost one load per coefficient instead of two.
 struct ChunkTables {
@@ -261,17 +262,17 @@ impl HeSumGroupsAccumulator {
     pub(crate) fn resize(&mut self, groups: usize) {
         self.counts.resize(groups, 0);
         self.bodies.resize(groups * self.limbs, 0);
-        self.masks.resize(groups * self.limbs * N, 0);
+        self.masks.resize(groups * N, 0);
     }
 
-    /// Adds the masks of the rows in `self.keys` (all in chunk `chunk`, limb seeds as in
-    /// `seeds`) to their groups. Sorting by (group, slot) turns interleaved rows into runs and
+    /// Adds the masks of the rows in `self.keys` (all in chunk `chunk` of the mask stream
+    /// `seed`) to their groups. Sorting by (group, slot) turns interleaved rows into runs and
     /// keeps one group's accumulator hot while its rows are added.
-    fn add_chunk_rows(&mut self, seeds: &[u8], chunk: u64) {
+    fn add_chunk_rows(&mut self, seed: &[u8], chunk: u64) {
         self.keys.sort_unstable();
         let slot_mask = (1u64 << SLOT_BITS) - 1;
-        for limb in 0..self.limbs {
-            let seed = seed_of(seeds, limb);
+        let seed = u128::from_le_bytes(seed.try_into().expect("16-byte seed"));
+        {
             let tables = self.chunks.get(seed, chunk);
             let mut i = 0;
             while i < self.keys.len() {
@@ -296,7 +297,7 @@ impl HeSumGroupsAccumulator {
                         self.windows.runs.push((N - 1 - j1, N - j0));
                     }
                 }
-                let at = (group * self.limbs + limb) * N;
+                let at = group * N;
                 (self.kernels.add_windows)(
                     &mut self.masks[at..at + N],
                     &self.windows,
@@ -373,10 +374,9 @@ impl HeSumGroupsAccumulator {
         for limb in 0..self.limbs {
             let b = &mut self.bodies[group * self.limbs + limb];
             *b = b.wrapping_add(sum.body(limb));
-            let at = (group * self.limbs + limb) * N;
-            let mask: Vec<u64> = sum.mask(limb).collect();
-            (self.kernels.add)(&mut self.masks[at..at + N], &mask);
         }
+        let mask: Vec<u64> = sum.mask().collect();
+        (self.kernels.add)(&mut self.masks[group * N..(group + 1) * N], &mask);
         Ok(())
     }
 
@@ -385,7 +385,7 @@ impl HeSumGroupsAccumulator {
         let counts = emit_to.take_needed(&mut self.counts);
         let n = counts.len();
         let bodies: Vec<u64> = self.bodies.drain(..n * self.limbs).collect();
-        let masks: Vec<u64> = self.masks.drain(..n * self.limbs * N).collect();
+        let masks: Vec<u64> = self.masks.drain(..n * N).collect();
         let max_rows = self.crypto.spec.max_rows();
         let mut builder = LargeBinaryBuilder::with_capacity(n, n * self.crypto.sum_len());
         let mut buffer = Vec::with_capacity(self.crypto.sum_len());
@@ -404,12 +404,11 @@ impl HeSumGroupsAccumulator {
                 .into());
             }
             buffer.clear();
-            let limbs = g * self.limbs..(g + 1) * self.limbs;
             write_sum(
                 &self.crypto,
                 count,
-                &bodies[limbs.clone()],
-                &masks[limbs.start * N..limbs.end * N],
+                &bodies[g * self.limbs..(g + 1) * self.limbs],
+                &masks[g * N..(g + 1) * N],
                 &mut buffer,
             );
             builder.append_value(&buffer);
@@ -496,7 +495,7 @@ impl GroupsAccumulator for HeSumGroupsAccumulator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::client::test_support::{encrypted_zeros, extracted_mask, sum_phase};
+    use crate::crypto::client::test_support::{encrypted_zeros, extracted_mask, sum_limb_phase};
     use crate::crypto::keys::ClientKey;
     use tfhe::core_crypto::commons::math::random::RandomGenerator;
     use tfhe::core_crypto::prelude::DefaultRandomGenerator;
@@ -529,7 +528,7 @@ mod tests {
             for (n, m) in
                 naive[g]
                     .iter_mut()
-                    .zip(extracted_mask(&mut masks, cell.seed(0), cell.row()))
+                    .zip(extracted_mask(&mut masks, cell.seed(), cell.row()))
             {
                 *n = n.wrapping_add(m);
             }
@@ -546,7 +545,7 @@ mod tests {
                 sum.count as usize,
                 groups.iter().filter(|&&x| x == g).count()
             );
-            assert_eq!(&sum.mask(0).collect::<Vec<_>>(), want, "group {g}");
+            assert_eq!(&sum.mask().collect::<Vec<_>>(), want, "group {g}");
         }
     }
 
@@ -592,7 +591,7 @@ mod tests {
             .map(|g| {
                 let sum = SumRef::parse(sums.value(g)).unwrap();
                 assert_eq!(sum.count, per_group as u64);
-                sum_phase(&key, &sum, 0) as i64 as f64
+                sum_limb_phase(&key, &sum, 0) as i64 as f64
             })
             .collect();
         let sd = (noise.iter().map(|e| e * e).sum::<f64>() / groups as f64).sqrt();

@@ -14,7 +14,7 @@ use arrow::datatypes::Decimal128Type;
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::prelude::{SessionConfig, SessionContext};
-use hedf::crypto::cell::ColumnMarking;
+use hedf::crypto::cell::{ColumnMarking, SUM_COUNT_AT};
 use hedf::crypto::client::{decrypt_batch, decrypt_sum, encrypt_batches, MeasureColumn};
 use hedf::crypto::keys::ClientKey;
 use hedf::table::EncryptedTable;
@@ -252,7 +252,7 @@ async fn select_star_returns_cells_that_decrypt_to_the_plaintext() {
 }
 
 #[tokio::test]
-async fn stored_ciphertext_costs_at_most_12_bytes_per_value() {
+async fn stored_ciphertext_costs_its_bodies_and_less_than_a_byte_more() {
     let dir = tempfile::tempdir().unwrap();
     let n = 1 << 16;
     let groups = (0..n).map(|i| format!("g{}", i / 1000)).collect();
@@ -260,14 +260,14 @@ async fn stored_ciphertext_costs_at_most_12_bytes_per_value() {
     let batch = table(groups, v.clone(), v, 1);
     let plain_only = batch.project(&[0, 1]).unwrap();
     let ctx = context(1, 8192);
-    register(
-        &ctx,
-        dir.path(),
-        "t",
-        key(),
-        &[batch],
-        &[MeasureColumn::new("v", 1), MeasureColumn::new("w", 1)],
-    );
+    // DECIMAL(6, 1): one 8-byte body at 2^24 rows per sum, two at the default 2^27.
+    let measures = [
+        MeasureColumn::new("v", 1)
+            .with_precision(6)
+            .with_max_rows_per_sum(1 << 24),
+        MeasureColumn::new("w", 1).with_precision(6),
+    ];
+    register(&ctx, dir.path(), "t", key(), &[batch], &measures);
     register(&ctx, dir.path(), "p", key(), &[plain_only], &[]);
     let size = |name: &str| -> u64 {
         std::fs::read_dir(dir.path().join(name))
@@ -275,8 +275,11 @@ async fn stored_ciphertext_costs_at_most_12_bytes_per_value() {
             .map(|e| e.unwrap().metadata().unwrap().len())
             .sum()
     };
-    let per_value = (size("t") - size("p")) as f64 / (2 * n) as f64;
-    assert!(per_value <= 12.0, "{per_value} bytes per encrypted value");
+    let overhead = (size("t") - size("p")) as f64 / n as f64 - 8.0 - 16.0;
+    assert!(
+        (0.0..2.0).contains(&overhead),
+        "{overhead} bytes per row beyond the bodies"
+    );
 }
 
 #[test]
@@ -489,7 +492,7 @@ async fn sums_over_the_budget_are_refused_by_server_and_client() {
     // A partial state claiming max_rows rows, plus one more real row: the server refuses.
     let max = crypto.spec.max_rows();
     let mut forged = sum.clone();
-    forged[17..25].copy_from_slice(&max.to_le_bytes());
+    forged[SUM_COUNT_AT].copy_from_slice(&max.to_le_bytes());
     let mut acc = HeSumGroupsAccumulator::new("v".into(), crypto);
     let state: ArrayRef = Arc::new(arrow::array::LargeBinaryArray::from_iter_values([
         forged.clone()
@@ -513,7 +516,7 @@ async fn sums_over_the_budget_are_refused_by_server_and_client() {
     );
 
     // The client does not trust the server's check either.
-    forged[17..25].copy_from_slice(&(max + 1).to_le_bytes());
+    forged[SUM_COUNT_AT].copy_from_slice(&(max + 1).to_le_bytes());
     let err = decrypt_sum(key(), &forged, &crypto, "v")
         .unwrap_err()
         .to_string();
@@ -601,4 +604,48 @@ async fn csv_and_parquet_files_encrypt_into_tables_that_sum_exactly() {
             && err.to_string().contains("more than 1 decimal"),
         "{err}"
     );
+}
+
+/// Columns of separate encryptions cannot be stored as one table: two columns on one slot
+/// (same key on possibly the same mask) and a row whose cells have different masks are both
+/// refused, whoever assembled the batch.
+#[test]
+fn columns_from_separate_encryptions_cannot_share_a_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = small_table();
+    let encrypt = || encrypt_batches(key(), std::slice::from_ref(&batch), &measures(1)).unwrap();
+    let ((schema_a, a), (_, b)) = (encrypt(), encrypt());
+    // v of one encryption beside w of another: distinct slots, different masks.
+    let mixed = RecordBatch::try_new(
+        schema_a.clone(),
+        vec![
+            a[0].column(0).clone(),
+            a[0].column(1).clone(),
+            a[0].column(2).clone(),
+            b[0].column(3).clone(),
+        ],
+    )
+    .unwrap();
+    let e = EncryptedTable::create(&dir.path().join("mixed"), schema_a.clone(), &[mixed])
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("different encryptions"), "{e}");
+    // v twice under two names: both on slot 0.
+    let mut fields: Vec<_> = schema_a.fields().iter().cloned().collect();
+    fields[3] = Arc::new(fields[2].as_ref().clone().with_name("v2"));
+    let schema = Arc::new(arrow::datatypes::Schema::new(fields));
+    let doubled = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            a[0].column(0).clone(),
+            a[0].column(1).clone(),
+            a[0].column(2).clone(),
+            b[0].column(2).clone(),
+        ],
+    )
+    .unwrap();
+    let e = EncryptedTable::create(&dir.path().join("doubled"), schema, &[doubled])
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("slot 0"), "{e}");
 }

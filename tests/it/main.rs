@@ -8,6 +8,7 @@ mod common;
 mod adbc;
 mod cli;
 mod engine;
+mod format;
 mod fuzz;
 mod hostile;
 mod network;

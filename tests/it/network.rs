@@ -102,14 +102,19 @@ async fn a_tls_server_answers_https_clients_exactly_and_nothing_else() {
         .expect("a certificate of an unknown CA was trusted");
     assert!(matches!(e, HedfError::Unavailable(_)), "{e}");
     assert!(e.to_string().contains("certificate"), "{e}");
-    // A plaintext client gets no answer from a TLS port (hyper reports the garbage it reads
-    // back as an HTTP/2 protocol error).
+    // A plaintext client gets no answer from a TLS port: hyper reports the garbage it reads
+    // back as an HTTP/2 protocol error, or, when the server closes first, the call as
+    // cancelled (seen once in about ten runs).
     let e = Remote::connect(&server.url, Some(ALICE), &ClientTls::default())
         .await
         .err()
         .expect("plaintext was answered on a TLS port");
     assert!(
-        !matches!(e, HedfError::Remote { .. }) || e.kind() == hedf::ErrorKind::Internal,
+        !matches!(e, HedfError::Remote { .. })
+            || matches!(
+                e.kind(),
+                hedf::ErrorKind::Internal | hedf::ErrorKind::Cancelled
+            ),
         "{e}"
     );
     // TLS options with an http:// URL are a mistake, not a silent downgrade.

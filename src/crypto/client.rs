@@ -502,6 +502,9 @@ struct CellDecryptor {
     slot_keys: Vec<GlweSecretKeyOwned<u64>>,
     masks: MaskGenerator,
     chunk: Option<(u128, u64)>,
+    /// The (seed, row) whose sample `lwe` holds: a cell's limbs share it, so it is extracted
+    /// once per cell.
+    extracted: Option<(u128, u64)>,
     glwe: GlweCiphertextOwned<u64>,
     lwe: LweCiphertextOwned<u64>,
 }
@@ -513,6 +516,7 @@ impl CellDecryptor {
             slot_keys: column_keys(key, crypto),
             masks: MaskGenerator::default(),
             chunk: None,
+            extracted: None,
             glwe: GlweCiphertext::new(
                 0,
                 GlweSize(GLWE_DIMENSION + 1),
@@ -529,15 +533,18 @@ impl CellDecryptor {
 
     /// body - <mask, key of the limb's slot>: the limb times delta plus noise.
     fn phase(&mut self, seed: u128, row: u64, limb: usize, body: u64) -> u64 {
-        let chunk = row / POLYNOMIAL_SIZE as u64;
-        let at = (row % POLYNOMIAL_SIZE as u64) as usize;
-        if self.chunk != Some((seed, chunk)) {
-            let mask = self.masks.generate(seed, chunk).to_vec();
-            self.glwe.get_mut_mask().as_mut().copy_from_slice(&mask);
-            self.chunk = Some((seed, chunk));
+        if self.extracted != Some((seed, row)) {
+            let chunk = row / POLYNOMIAL_SIZE as u64;
+            let at = (row % POLYNOMIAL_SIZE as u64) as usize;
+            if self.chunk != Some((seed, chunk)) {
+                let mask = self.masks.generate(seed, chunk).to_vec();
+                self.glwe.get_mut_mask().as_mut().copy_from_slice(&mask);
+                self.chunk = Some((seed, chunk));
+            }
+            extract_lwe_sample_from_glwe_ciphertext(&self.glwe, &mut self.lwe, MonomialDegree(at));
+            self.extracted = Some((seed, row));
         }
-        self.glwe.get_mut_body().as_mut()[at] = body;
-        extract_lwe_sample_from_glwe_ciphertext(&self.glwe, &mut self.lwe, MonomialDegree(at));
+        *self.lwe.get_mut_body().data = body;
         decrypt_lwe_ciphertext(&self.slot_keys[limb].as_lwe_secret_key(), &self.lwe).0
     }
 

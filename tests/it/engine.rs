@@ -615,17 +615,14 @@ fn columns_from_separate_encryptions_cannot_share_a_table() {
     let batch = small_table();
     let encrypt = || encrypt_batches(key(), std::slice::from_ref(&batch), &measures(1)).unwrap();
     let ((schema_a, a), (_, b)) = (encrypt(), encrypt());
+    // g, k and v of the first encryption, then `last` as the fourth column.
+    let with_last = |schema: &arrow::datatypes::SchemaRef, last: &ArrayRef| {
+        let mut columns = a[0].columns()[..3].to_vec();
+        columns.push(last.clone());
+        RecordBatch::try_new(schema.clone(), columns).unwrap()
+    };
     // v of one encryption beside w of another: distinct slots, different masks.
-    let mixed = RecordBatch::try_new(
-        schema_a.clone(),
-        vec![
-            a[0].column(0).clone(),
-            a[0].column(1).clone(),
-            a[0].column(2).clone(),
-            b[0].column(3).clone(),
-        ],
-    )
-    .unwrap();
+    let mixed = with_last(&schema_a, b[0].column(3));
     let e = EncryptedTable::create(&dir.path().join("mixed"), schema_a.clone(), &[mixed])
         .expect_err("refused")
         .to_string();
@@ -634,16 +631,7 @@ fn columns_from_separate_encryptions_cannot_share_a_table() {
     let mut fields: Vec<_> = schema_a.fields().iter().cloned().collect();
     fields[3] = Arc::new(fields[2].as_ref().clone().with_name("v2"));
     let schema = Arc::new(arrow::datatypes::Schema::new(fields));
-    let doubled = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            a[0].column(0).clone(),
-            a[0].column(1).clone(),
-            a[0].column(2).clone(),
-            b[0].column(2).clone(),
-        ],
-    )
-    .unwrap();
+    let doubled = with_last(&schema, b[0].column(2));
     let e = EncryptedTable::create(&dir.path().join("doubled"), schema, &[doubled])
         .expect_err("refused")
         .to_string();

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Decimal128Array, RecordBatch, StringArray};
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use hedf::crypto::answer::share_masks;
 use hedf::crypto::client::{decrypt_batch, Encryptor, MeasureColumn};
 use hedf::crypto::keys::ClientKey;
 use hedf::table::EncryptedTable;
@@ -270,8 +271,10 @@ async fn run_queries(key: &ClientKey, dir: &Path, rows: usize, partitions: usize
         reset_peak_rss();
         let (enc_time, result) = time_query(&ctx, &enc_sql, runs).await;
         let rss = peak_rss_mib();
+        // What the server sends: a row's sums carry their shared mask once.
+        let sent: Vec<RecordBatch> = result.iter().map(|b| share_masks(b).unwrap()).collect();
         let start = Instant::now();
-        let decrypted: Vec<RecordBatch> = result
+        let decrypted: Vec<RecordBatch> = sent
             .iter()
             .map(|b| decrypt_batch(key, b).unwrap())
             .collect();
@@ -296,4 +299,20 @@ async fn run_queries(key: &ClientKey, dir: &Path, rows: usize, partitions: usize
     let (_, result) = time_query(&ctx, "SELECT area, he_sum(m1) FROM enc GROUP BY area", 1).await;
     let sum_bytes = result[0].column(1).to_data().buffers()[1].len() / result[0].num_rows();
     println!("he_sum result: {sum_bytes} bytes per group per measure");
+    let all = MEASURES
+        .iter()
+        .map(|m| format!("he_sum({m})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!("SELECT area, {all} FROM enc GROUP BY area");
+    let (_, result) = time_query(&ctx, &sql, 1).await;
+    let sent = share_masks(&result[0]).unwrap();
+    let bytes: usize = (1..sent.num_columns())
+        .map(|c| sent.column(c).to_data().buffers()[1].len())
+        .sum();
+    println!(
+        "sent with shared masks: {} bytes per result value ({} measures)",
+        bytes / (sent.num_rows() * MEASURES.len()),
+        MEASURES.len()
+    );
 }

@@ -14,6 +14,18 @@
 //!   header | count u64 | body u64 x limbs | mask u64 x N`: the limbs' bodies on one mask sum,
 //!   plus the row count, so the client can check the budget again before it trusts a
 //!   decryption.
+//! * A **mask-sharing sum** is a sum sent beside another sum of the same row whose mask sum is
+//!   the same bytes (two measures summed over the same rows share their rows' common masks):
+//!   `"HSRF" | version u8 | header | count u64 | body u64 x limbs | carrier u16 | check`, where
+//!   `carrier` is the index, in the same batch, of the column whose sum in the same row
+//!   carries the mask and `check` is that mask's first 16 bytes, so an answer whose columns
+//!   were reordered is refused rather than decrypted with another sum's mask. See
+//!   [`crate::crypto::answer`].
+//! * A **bundle** is the engine's internal state of several fused he_sums (never stored, never
+//!   sent): `"HBUN" | version u8 | parts u8 | per part (header | count u64 | own u8 | body u64 x
+//!   limbs) | shared mask u64 x N | own mask u64 x N per part whose `own` is 1`. Part `p`'s
+//!   mask sum is the shared one plus its own: rows where every part had a value on one mask
+//!   are added once to the shared sum, the others to each present part's own sum.
 
 use std::collections::HashMap;
 
@@ -49,6 +61,12 @@ const CELL_BODIES_AT: usize = CELL_SEED_AT + SEED_BYTES;
 pub const BODY_BYTES: usize = 8;
 pub const SEED_BYTES: usize = 16;
 const SUM_MAGIC: &[u8; 4] = b"HSUM";
+const SUM_REF_MAGIC: &[u8; 4] = b"HSRF";
+const BUNDLE_MAGIC: &[u8; 4] = b"HBUN";
+/// Bytes of a mask sum: N coefficients of 8 bytes.
+pub const MASK_BYTES: usize = 8 * POLYNOMIAL_SIZE;
+/// Leading bytes of the carrier's mask a mask-sharing sum repeats as a check.
+const MASK_CHECK_BYTES: usize = 16;
 const SUM_HEADER_LEN: usize = 4 + 1 + HEADER_LEN + 8;
 /// Where a sum keeps its row count (the budget both server and client check).
 pub const SUM_COUNT_AT: std::ops::Range<usize> = SUM_HEADER_LEN - 8..SUM_HEADER_LEN;
@@ -380,29 +398,76 @@ pub fn write_sum(
     mask: &[u64],
     out: &mut Vec<u8>,
 ) {
-    out.extend_from_slice(SUM_MAGIC);
+    write_sum_prefix(SUM_MAGIC, crypto, count, bodies, out);
+    write_words(mask, out);
+}
+
+fn write_sum_prefix(
+    magic: &[u8; 4],
+    crypto: &ColumnCrypto,
+    count: u64,
+    bodies: &[u64],
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(magic);
     out.push(LAYOUT_VERSION);
     out.extend_from_slice(&crypto.header());
     out.extend_from_slice(&count.to_le_bytes());
-    for b in bodies {
-        out.extend_from_slice(&b.to_le_bytes());
+    write_words(bodies, out);
+}
+
+fn write_words(words: &[u64], out: &mut Vec<u8>) {
+    for w in words {
+        out.extend_from_slice(&w.to_le_bytes());
     }
-    for m in mask {
-        out.extend_from_slice(&m.to_le_bytes());
-    }
+}
+
+fn read_word(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Little-endian u64 coefficients of a mask sum's bytes.
+pub fn mask_words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+}
+
+/// Rewrites the full sum `sum` as a mask-sharing sum whose mask is carried by the sum in
+/// column `carrier` of the same row.
+pub fn write_mask_sharing_sum(sum: &SumRef<'_>, carrier: u16, out: &mut Vec<u8>) -> Result<()> {
+    let mask = sum.inline_mask()?;
+    let bodies: Vec<u64> = (0..sum.crypto.spec.limbs as usize)
+        .map(|l| sum.body(l))
+        .collect();
+    write_sum_prefix(SUM_REF_MAGIC, &sum.crypto, sum.count, &bodies, out);
+    out.extend_from_slice(&carrier.to_le_bytes());
+    out.extend_from_slice(&mask[..MASK_CHECK_BYTES]);
+    Ok(())
+}
+
+/// Where a sum's mask sum is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SumMask<'a> {
+    /// In the sum itself: N little-endian u64 coefficients.
+    Inline(&'a [u8]),
+    /// In the sum of the same row in this column of the batch, whose mask starts with
+    /// these bytes.
+    InColumn(u16, &'a [u8]),
 }
 
 /// A borrowed, validated view of one serialised sum.
 pub struct SumRef<'a> {
     pub crypto: ColumnCrypto,
     pub count: u64,
+    pub mask: SumMask<'a>,
     bytes: &'a [u8],
 }
 
 impl<'a> SumRef<'a> {
     pub fn parse(bytes: &'a [u8]) -> Result<Self> {
         let bad = |why: &str| HedfError::Malformed(format!("he_sum result: {why}"));
-        if bytes.len() < SUM_HEADER_LEN || &bytes[..4] != SUM_MAGIC {
+        if bytes.len() < SUM_HEADER_LEN || !matches!(&bytes[..4], b"HSUM" | b"HSRF") {
             return Err(bad("not a hedf sum"));
         }
         if bytes[4] != LAYOUT_VERSION {
@@ -410,30 +475,145 @@ impl<'a> SumRef<'a> {
         }
         let crypto = ColumnCrypto::from_header(&bytes[5..5 + HEADER_LEN])?;
         let count = u64::from_le_bytes(bytes[SUM_COUNT_AT].try_into().unwrap());
-        if bytes.len() != crypto.sum_len() {
-            return Err(bad(&format!(
-                "{} bytes, expected {}",
-                bytes.len(),
-                crypto.sum_len()
-            )));
+        let mask_at = SUM_HEADER_LEN + crypto.bodies_width();
+        let inline = &bytes[..4] == SUM_MAGIC;
+        let expected = mask_at
+            + if inline {
+                MASK_BYTES
+            } else {
+                2 + MASK_CHECK_BYTES
+            };
+        if bytes.len() != expected {
+            return Err(bad(&format!("{} bytes, expected {expected}", bytes.len())));
         }
+        let mask = if inline {
+            SumMask::Inline(&bytes[mask_at..])
+        } else {
+            SumMask::InColumn(
+                u16::from_le_bytes([bytes[mask_at], bytes[mask_at + 1]]),
+                &bytes[mask_at + 2..],
+            )
+        };
         Ok(SumRef {
             crypto,
             count,
+            mask,
             bytes,
         })
     }
 
     pub fn body(&self, limb: usize) -> u64 {
-        let at = SUM_HEADER_LEN + BODY_BYTES * limb;
-        u64::from_le_bytes(self.bytes[at..at + 8].try_into().unwrap())
+        read_word(self.bytes, SUM_HEADER_LEN + BODY_BYTES * limb)
     }
 
-    /// The mask all limbs share, as N little-endian u64 coefficients.
-    pub fn mask(&self) -> impl Iterator<Item = u64> + 'a {
-        let start = SUM_HEADER_LEN + BODY_BYTES * self.crypto.spec.limbs as usize;
-        self.bytes[start..start + 8 * POLYNOMIAL_SIZE]
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+    /// The mask all limbs share, when the sum carries it.
+    pub fn inline_mask(&self) -> Result<&'a [u8]> {
+        match self.mask {
+            SumMask::Inline(bytes) => Ok(bytes),
+            SumMask::InColumn(c, _) => Err(HedfError::Malformed(format!(
+                "he_sum result: its mask is carried by column {c} of the answer it came in; \
+                 only a full sum can be summed again"
+            ))),
+        }
+    }
+}
+
+/// One fused he_sum's part of a bundle, as [`write_bundle`] takes it.
+pub struct BundlePart<'a> {
+    pub crypto: &'a ColumnCrypto,
+    pub count: u64,
+    pub bodies: &'a [u64],
+    /// This part's own mask sum (rows not in the shared one), if it has any.
+    pub own: Option<&'a [u64]>,
+}
+
+/// Serialises one group's state of fused he_sums (see the module comment).
+pub fn write_bundle(parts: &[BundlePart<'_>], shared: &[u64], out: &mut Vec<u8>) {
+    out.extend_from_slice(BUNDLE_MAGIC);
+    out.push(LAYOUT_VERSION);
+    out.push(u8::try_from(parts.len()).expect("at most 255 fused sums"));
+    for p in parts {
+        out.extend_from_slice(&p.crypto.header());
+        out.extend_from_slice(&p.count.to_le_bytes());
+        out.push(p.own.is_some() as u8);
+        write_words(p.bodies, out);
+    }
+    write_words(shared, out);
+    for own in parts.iter().filter_map(|p| p.own) {
+        write_words(own, out);
+    }
+}
+
+/// A validated view of one part of a serialised bundle.
+pub struct BundlePartRef<'a> {
+    pub crypto: ColumnCrypto,
+    pub count: u64,
+    bodies: &'a [u8],
+    /// The part's own mask sum, when it has one.
+    pub own: Option<&'a [u8]>,
+}
+
+impl BundlePartRef<'_> {
+    pub fn body(&self, limb: usize) -> u64 {
+        read_word(self.bodies, BODY_BYTES * limb)
+    }
+}
+
+/// A borrowed, validated view of one serialised bundle.
+pub struct BundleRef<'a> {
+    pub parts: Vec<BundlePartRef<'a>>,
+    /// The mask sum of the rows every part shares.
+    pub shared: &'a [u8],
+}
+
+impl<'a> BundleRef<'a> {
+    pub fn parse(bytes: &'a [u8]) -> Result<Self> {
+        let bad = |why: &str| HedfError::Malformed(format!("fused he_sum state: {why}"));
+        if bytes.len() < 6 || &bytes[..4] != BUNDLE_MAGIC || bytes[4] != LAYOUT_VERSION {
+            return Err(bad("not a hedf bundle of this layout"));
+        }
+        let mut at = 6;
+        let mut heads = Vec::with_capacity(bytes[5] as usize);
+        for _ in 0..bytes[5] {
+            let head_end = at + HEADER_LEN + 8 + 1;
+            if bytes.len() < head_end {
+                return Err(bad("truncated"));
+            }
+            let crypto = ColumnCrypto::from_header(&bytes[at..at + HEADER_LEN])?;
+            let count = read_word(bytes, at + HEADER_LEN);
+            let has_own = match bytes[head_end - 1] {
+                0 => false,
+                1 => true,
+                _ => return Err(bad("bad own-mask flag")),
+            };
+            let bodies_end = head_end + crypto.bodies_width();
+            if bytes.len() < bodies_end {
+                return Err(bad("truncated"));
+            }
+            heads.push((crypto, count, &bytes[head_end..bodies_end], has_own));
+            at = bodies_end;
+        }
+        let owns = heads.iter().filter(|h| h.3).count();
+        if bytes.len() != at + MASK_BYTES * (1 + owns) {
+            return Err(bad("wrong length"));
+        }
+        let shared = &bytes[at..at + MASK_BYTES];
+        let mut own_at = at + MASK_BYTES;
+        let parts = heads
+            .into_iter()
+            .map(|(crypto, count, bodies, has_own)| {
+                let own = has_own.then(|| {
+                    own_at += MASK_BYTES;
+                    &bytes[own_at - MASK_BYTES..own_at]
+                });
+                BundlePartRef {
+                    crypto,
+                    count,
+                    bodies,
+                    own,
+                }
+            })
+            .collect();
+        Ok(BundleRef { parts, shared })
     }
 }

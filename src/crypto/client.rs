@@ -17,7 +17,10 @@ use rayon::prelude::*;
 use tfhe::core_crypto::prelude::*;
 use tfhe::core_crypto::seeders::new_seeder;
 
-use crate::crypto::cell::{write_cell, CellRef, ColumnCrypto, ColumnKind, ColumnMarking, SumRef};
+use crate::crypto::answer::MaskResolver;
+use crate::crypto::cell::{
+    mask_words, write_cell, CellRef, ColumnCrypto, ColumnKind, ColumnMarking, SumRef,
+};
 use crate::crypto::encoding::{parse_decimal, precision_limit, MeasureSpec, MAX_PRECISION};
 use crate::crypto::glwe::{ChunkEncryptor, FourierKeys};
 use crate::crypto::keys::{ClientKey, KeyId};
@@ -439,25 +442,28 @@ fn check_key(key: &ClientKey, found: KeyId, what: &str) -> Result<()> {
 }
 
 /// Decrypts one serialised he_sum result of a column marked `expect` (whose marking the caller
-/// verified) to its exact fixed-point total.
+/// verified) to its exact fixed-point total. The sum must carry its mask (see
+/// [`crate::crypto::answer`] for sums that share one).
 pub fn decrypt_sum(
     key: &ClientKey,
     bytes: &[u8],
     expect: &ColumnCrypto,
     column: &str,
 ) -> Result<i128> {
-    decrypt_sum_with(key, &column_keys(key, expect), bytes, expect, column)
+    let sum = SumRef::parse(bytes)?;
+    let mask = sum.inline_mask()?;
+    decrypt_sum_with(key, &column_keys(key, expect), &sum, mask, expect, column)
 }
 
-/// [`decrypt_sum`] with the column's slot keys at hand.
+/// [`decrypt_sum`] with the column's slot keys and the sum's mask at hand.
 fn decrypt_sum_with(
     key: &ClientKey,
     slot_keys: &[GlweSecretKeyOwned<u64>],
-    bytes: &[u8],
+    sum: &SumRef<'_>,
+    mask: &[u8],
     expect: &ColumnCrypto,
     column: &str,
 ) -> Result<i128> {
-    let sum = SumRef::parse(bytes)?;
     check_key(key, sum.crypto.key_id, &format!("column {column:?}"))?;
     if sum.crypto != *expect {
         return Err(HedfError::Malformed(format!(
@@ -474,7 +480,7 @@ fn decrypt_sum_with(
             why: spec.budget_reason(),
         });
     }
-    let mut buffer: Vec<u64> = sum.mask().collect();
+    let mut buffer: Vec<u64> = mask_words(mask).collect();
     buffer.push(0);
     let limb_sums: Vec<i64> = slot_keys
         .iter()
@@ -566,6 +572,7 @@ fn decrypt_column(
     name: &str,
     marking: &ColumnMarking,
     column: &ArrayRef,
+    masks: &MaskResolver<'_>,
 ) -> Result<Decimal128Array> {
     let crypto = &marking.crypto;
     check_key(key, crypto.key_id, &format!("column {name:?}"))?;
@@ -578,9 +585,14 @@ fn decrypt_column(
                 .downcast_ref::<LargeBinaryArray>()
                 .expect("type checked")
                 .iter()
-                .map(|v| {
-                    v.map(|bytes| decrypt_sum_with(key, &slot_keys, bytes, crypto, name))
-                        .transpose()
+                .enumerate()
+                .map(|(row, v)| {
+                    v.map(|bytes| {
+                        let sum = SumRef::parse(bytes)?;
+                        let mask = masks.mask(&sum, row, name)?;
+                        decrypt_sum_with(key, &slot_keys, &sum, mask, crypto, name)
+                    })
+                    .transpose()
                 })
                 .collect::<Result<_>>()?
         }
@@ -625,6 +637,7 @@ pub fn decrypt_readable(
     let mut fields = Vec::with_capacity(batch.num_columns());
     let mut columns = Vec::with_capacity(batch.num_columns());
     let mut refused = Vec::new();
+    let masks = MaskResolver::new(batch);
     for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
         let Some(marking) = ColumnMarking::from_metadata(field.metadata())? else {
             fields.push(field.as_ref().clone());
@@ -632,7 +645,7 @@ pub fn decrypt_readable(
             continue;
         };
         let decrypted = match key {
-            Some(key) => match decrypt_column(key, field.name(), &marking, column) {
+            Some(key) => match decrypt_column(key, field.name(), &marking, column, &masks) {
                 Ok(values) => Some(values),
                 Err(e @ HedfError::KeyMismatch { .. }) => {
                     refused.push(e);
@@ -688,7 +701,7 @@ pub(crate) mod test_support {
 
     /// The phase of a sum's limb `limb` under `key`.
     pub(crate) fn sum_limb_phase(key: &ClientKey, sum: &SumRef<'_>, limb: usize) -> u64 {
-        let mut lwe: Vec<u64> = sum.mask().collect();
+        let mut lwe: Vec<u64> = mask_words(sum.inline_mask().unwrap()).collect();
         lwe.push(0);
         let secret = key.slot_key(sum.crypto.slot + limb as u16);
         sum_phase(&secret, &mut lwe, sum.body(limb))

@@ -6,8 +6,9 @@
 //! the secret key; [`encoding`] turns decimals into fixed-point limbs; [`cell`] defines the
 //! byte layouts and field metadata; [`slots`] numbers the bodies that share a common mask;
 //! [`mask`] regenerates public masks from seeds; [`glwe`] encrypts one chunk; [`client`]
-//! encrypts Arrow batches and decrypts results.
+//! encrypts Arrow batches and decrypts results; [`answer`] sends a row's shared mask sum once.
 
+pub mod answer;
 pub mod cell;
 pub mod client;
 pub mod encoding;

@@ -17,6 +17,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use object_store::ObjectStore;
 use url::Url;
 
+use crate::engine::fusion::FuseHeSums;
 use crate::engine::guard::{CiphertextGuard, OperatorGuard};
 use crate::udaf::builtin::encryption_aware_builtins;
 use crate::udaf::he_sum_udaf;
@@ -54,12 +55,14 @@ fn context(builder: SessionStateBuilder) -> SessionContext {
     // This rule splits SUM(x) next to one COUNT(DISTINCT y) into SUM(SUM(x)); with SUM(enc)
     // meaning he_sum, the outer SUM would be a sum of sums. It only saves a hash table for
     // plaintext queries.
-    let optimizer_rules = state
+    let mut optimizer_rules: Vec<_> = state
         .optimizers()
         .iter()
         .filter(|rule| rule.name() != "single_distinct_aggregation_to_group_by")
         .cloned()
         .collect();
+    // Last, so it sees aggregations as the other rules left them (unused sums pruned).
+    optimizer_rules.push(Arc::new(FuseHeSums::default()));
     let mut expr_planners = state.expr_planners().to_vec();
     expr_planners.insert(0, Arc::new(OperatorGuard));
     let state = SessionStateBuilder::new_from_existing(state)

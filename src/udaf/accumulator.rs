@@ -1,6 +1,7 @@
-//! The he_sum group accumulator: per group, a row count, the limb body sums and one mask sum
-//! (N coefficients) that all limbs share, since they share their rows' common mask. Adds are
-//! wrapping u64 on the torus; nothing here needs a key.
+//! The he_sum group accumulator, for one column or several fused ones: per group and column, a
+//! row count and the limb body sums; per group, one mask sum (N coefficients) that every limb
+//! of every column shares, since a table row's cells share one common mask. Adds are wrapping
+//! u64 on the torus; nothing here needs a key.
 //!
 //! Row `j` of a chunk with mask polynomial `a` is the LWE sample extracted at position `j`, whose mask
 //! is `v_j[i] = w[j - i]` with `w[t] = a[t]` for `t >= 0` and `w[t] = -a[N + t]` for `t < 0`.
@@ -12,17 +13,24 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, LargeBinaryArray, LargeBinaryBuilder};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, FixedSizeBinaryArray, LargeBinaryArray,
+    LargeBinaryBuilder,
+};
 use datafusion::error::Result;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 
-use crate::crypto::cell::{write_sum, CellRef, ColumnCrypto, SumRef};
+use crate::crypto::cell::{
+    mask_words, write_bundle, write_sum, BundlePart, BundleRef, CellRef, ColumnCrypto, SumRef,
+    MASK_BYTES,
+};
 use crate::crypto::mask::MaskGenerator;
 use crate::crypto::params::POLYNOMIAL_SIZE as N;
 use crate::error::HedfError;
 
-/// State tag of a single cell sent as partial state (cheap `convert_to_state`).
-const CELL_STATE_TAG: &[u8; 4] = b"HCEL";
+/// State tag of one row's cells sent as partial state (cheap `convert_to_state`): then per
+/// part, a presence byte and, if present, the cell.
+const CELLS_STATE_TAG: &[u8; 4] = b"HCLS";
 /// Chunk tables kept; rows arrive in chunk order, so a few suffice.
 const CACHED_CHUNKS: usize = 4;
 
@@ -217,200 +225,453 @@ impl Kernels {
 /// Bits of a sort key that hold the slot; the group index takes the bits above.
 const SLOT_BITS: u32 = N.trailing_zeros();
 
-/// he_sum's per-partition state for any number of groups (a `GroupsAccumulator`).
-pub struct HeSumGroupsAccumulator {
+/// What adding masks needs besides the sums: chunk tables, kernels and scratch, shared by
+/// every [`MaskSums`] of one accumulator.
+struct Adder {
+    chunks: ChunkCache,
+    kernels: Kernels,
+    /// Scratch: one group's windows in the chunk being added.
+    windows: Windows,
+    /// Scratch: one serialised mask sum, decoded.
+    words: Vec<u64>,
+}
+
+/// Mask sums of any number of groups (N coefficients each), fed row by row. Rows are
+/// collected per chunk and added when the chunk changes or on [`MaskSums::flush`].
+#[derive(Default)]
+struct MaskSums {
+    masks: Vec<u64>,
+    /// Sort keys (group << SLOT_BITS | position) of the pending rows of chunk `current`.
+    keys: Vec<u64>,
+    current: Option<(u128, u64)>,
+}
+
+impl MaskSums {
+    fn with_groups(groups: usize) -> Self {
+        MaskSums {
+            masks: vec![0; groups * N],
+            ..Default::default()
+        }
+    }
+
+    fn resize(&mut self, groups: usize) {
+        self.masks.resize(groups * N, 0);
+    }
+
+    /// Adds row `row` of the mask stream `seed` to `group`'s sum.
+    #[inline]
+    fn push(&mut self, adder: &mut Adder, group: usize, seed: u128, row: u64) {
+        let chunk = row / N as u64;
+        if self.current != Some((seed, chunk)) {
+            self.flush(adder);
+            self.current = Some((seed, chunk));
+        }
+        self.keys
+            .push(((group as u64) << SLOT_BITS) | (row % N as u64));
+    }
+
+    /// Adds the pending rows. Sorting by (group, position) turns interleaved rows into runs
+    /// and keeps one group's accumulator hot while its rows are added.
+    fn flush(&mut self, adder: &mut Adder) {
+        let Some((seed, chunk)) = self.current.take() else {
+            return;
+        };
+        let Adder {
+            chunks,
+            kernels,
+            windows,
+            ..
+        } = adder;
+        self.keys.sort_unstable();
+        let slot_mask = (1u64 << SLOT_BITS) - 1;
+        let tables = chunks.get(seed, chunk);
+        let mut i = 0;
+        while i < self.keys.len() {
+            let group = (self.keys[i] >> SLOT_BITS) as usize;
+            windows.singles.clear();
+            windows.runs.clear();
+            while i < self.keys.len() && (self.keys[i] >> SLOT_BITS) as usize == group {
+                let first = self.keys[i];
+                let mut last = first;
+                while i + 1 < self.keys.len()
+                    && self.keys[i + 1] == last + 1
+                    && last & slot_mask != slot_mask
+                {
+                    i += 1;
+                    last += 1;
+                }
+                i += 1;
+                let (j0, j1) = ((first & slot_mask) as usize, (last & slot_mask) as usize);
+                if j0 == j1 {
+                    windows.singles.push(N - 1 - j0);
+                } else {
+                    windows.runs.push((N - 1 - j1, N - j0));
+                }
+            }
+            let at = group * N;
+            (kernels.add_windows)(
+                &mut self.masks[at..at + N],
+                windows,
+                &tables.single,
+                &tables.prefix,
+            );
+        }
+        self.keys.clear();
+    }
+
+    /// Adds a serialised mask sum to `group`'s.
+    fn add(&mut self, adder: &mut Adder, group: usize, mask: &[u8]) {
+        adder.words.clear();
+        adder.words.extend(mask_words(mask));
+        (adder.kernels.add)(&mut self.masks[group * N..(group + 1) * N], &adder.words);
+    }
+
+    /// The first `groups` groups' sums, forgotten here.
+    fn take(&mut self, groups: usize) -> Vec<u64> {
+        self.masks.drain(..groups * N).collect()
+    }
+
+    fn size(&self) -> usize {
+        8 * (self.masks.capacity() + self.keys.capacity())
+    }
+}
+
+/// One summed column of an accumulator: its row counts, limb body sums and, when some of its
+/// rows could not share the accumulator's mask sums, a mask sum of its own.
+struct Part {
     column: String,
     crypto: ColumnCrypto,
     limbs: usize,
     counts: Vec<u64>,
     bodies: Vec<u64>,
-    masks: Vec<u64>,
-    chunks: ChunkCache,
-    kernels: Kernels,
-    /// Scratch: sort keys (group << SLOT_BITS | slot) of one chunk's rows in a batch.
-    keys: Vec<u64>,
-    /// Scratch: one group's windows in the chunk being added.
-    windows: Windows,
+    own: Option<MaskSums>,
+}
+
+impl Part {
+    fn add_bodies(&mut self, group: usize, body: impl Fn(usize) -> u64) {
+        for limb in 0..self.limbs {
+            let b = &mut self.bodies[group * self.limbs + limb];
+            *b = b.wrapping_add(body(limb));
+        }
+    }
+
+    /// Checks that a partial state of this part was made with the same crypto.
+    fn check_state(&self, crypto: &ColumnCrypto) -> Result<()> {
+        if *crypto == self.crypto {
+            return Ok(());
+        }
+        Err(if crypto.key_id != self.crypto.key_id {
+            HedfError::MixedKeys {
+                first: self.crypto.key_id.to_string(),
+                second: crypto.key_id.to_string(),
+            }
+        } else {
+            HedfError::Malformed(format!(
+                "he_sum({}) state has a different encoding",
+                self.column
+            ))
+        }
+        .into())
+    }
+}
+
+/// What an accumulator emits per group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// One column's sum (he_sum).
+    Sum,
+    /// A bundle of several columns' sums (fused he_sums; see `udaf::fused`).
+    Bundle,
+}
+
+/// he_sum's per-partition state for any number of groups (a `GroupsAccumulator`), for one
+/// column or several fused ones. A row whose present cells all share one mask (the usual
+/// case: measures of one table row, all non-NULL) adds that mask once, to the shared sums;
+/// any other row adds each present cell's mask to its part's own sums.
+pub struct HeSumGroupsAccumulator {
+    parts: Vec<Part>,
+    output: Output,
+    groups: usize,
+    shared: MaskSums,
+    adder: Adder,
 }
 
 impl std::fmt::Debug for HeSumGroupsAccumulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let columns: Vec<&str> = self.parts.iter().map(|p| p.column.as_str()).collect();
         f.debug_struct("HeSumGroupsAccumulator")
-            .field("column", &self.column)
-            .field("groups", &self.counts.len())
+            .field("columns", &columns)
+            .field("groups", &self.groups)
             .finish()
     }
 }
 
 impl HeSumGroupsAccumulator {
-    pub fn new(column: String, crypto: ColumnCrypto) -> Self {
+    /// An accumulator of `columns` (name, crypto): one emits sums, several emit bundles.
+    pub fn new(columns: Vec<(String, ColumnCrypto)>) -> Self {
+        let output = if columns.len() == 1 {
+            Output::Sum
+        } else {
+            Output::Bundle
+        };
+        let parts = columns
+            .into_iter()
+            .map(|(column, crypto)| Part {
+                column,
+                limbs: crypto.spec.limbs as usize,
+                crypto,
+                counts: Vec::new(),
+                bodies: Vec::new(),
+                own: None,
+            })
+            .collect();
         HeSumGroupsAccumulator {
-            column,
-            limbs: crypto.spec.limbs as usize,
-            crypto,
-            counts: Vec::new(),
-            bodies: Vec::new(),
-            masks: Vec::new(),
-            chunks: ChunkCache::new(),
-            kernels: Kernels::detect(),
-            keys: Vec::new(),
-            windows: Windows::default(),
+            parts,
+            output,
+            groups: 0,
+            shared: MaskSums::default(),
+            adder: Adder {
+                chunks: ChunkCache::new(),
+                kernels: Kernels::detect(),
+                windows: Windows::default(),
+                words: Vec::with_capacity(N),
+            },
         }
     }
 
     /// Makes room for `groups` groups (new ones start empty).
     pub(crate) fn resize(&mut self, groups: usize) {
-        self.counts.resize(groups, 0);
-        self.bodies.resize(groups * self.limbs, 0);
-        self.masks.resize(groups * N, 0);
-    }
-
-    /// Adds the masks of the rows in `self.keys` (all in chunk `chunk` of the mask stream
-    /// `seed`) to their groups. Sorting by (group, slot) turns interleaved rows into runs and
-    /// keeps one group's accumulator hot while its rows are added.
-    fn add_chunk_rows(&mut self, seed: &[u8], chunk: u64) {
-        self.keys.sort_unstable();
-        let slot_mask = (1u64 << SLOT_BITS) - 1;
-        let seed = u128::from_le_bytes(seed.try_into().expect("16-byte seed"));
-        {
-            let tables = self.chunks.get(seed, chunk);
-            let mut i = 0;
-            while i < self.keys.len() {
-                let group = (self.keys[i] >> SLOT_BITS) as usize;
-                self.windows.singles.clear();
-                self.windows.runs.clear();
-                while i < self.keys.len() && (self.keys[i] >> SLOT_BITS) as usize == group {
-                    let first = self.keys[i];
-                    let mut last = first;
-                    while i + 1 < self.keys.len()
-                        && self.keys[i + 1] == last + 1
-                        && last & slot_mask != slot_mask
-                    {
-                        i += 1;
-                        last += 1;
-                    }
-                    i += 1;
-                    let (j0, j1) = ((first & slot_mask) as usize, (last & slot_mask) as usize);
-                    if j0 == j1 {
-                        self.windows.singles.push(N - 1 - j0);
-                    } else {
-                        self.windows.runs.push((N - 1 - j1, N - j0));
-                    }
-                }
-                let at = group * N;
-                (self.kernels.add_windows)(
-                    &mut self.masks[at..at + N],
-                    &self.windows,
-                    &tables.single,
-                    &tables.prefix,
-                );
+        self.groups = groups;
+        self.shared.resize(groups);
+        for p in &mut self.parts {
+            p.counts.resize(groups, 0);
+            p.bodies.resize(groups * p.limbs, 0);
+            if let Some(own) = &mut p.own {
+                own.resize(groups);
             }
         }
-        self.keys.clear();
     }
 
-    /// Accumulates the valid cells of `array` (row i into group `groups[i]`).
+    /// Adds one row's cells (`None` for NULL), one per part, to `group`.
+    #[inline]
+    fn add_row(&mut self, group: usize, cells: &[Option<CellRef<'_>>]) {
+        let mut lead = None;
+        let mut shared = true;
+        for (part, cell) in self.parts.iter_mut().zip(cells) {
+            let Some(cell) = cell else {
+                shared = false;
+                continue;
+            };
+            part.counts[group] += 1;
+            part.add_bodies(group, |limb| cell.body(limb));
+            let mask = (cell.seed(), cell.row());
+            match lead {
+                None => lead = Some(mask),
+                Some(l) if l != mask => shared = false,
+                Some(_) => {}
+            }
+        }
+        if shared {
+            if let Some((seed, row)) = lead {
+                self.shared.push(&mut self.adder, group, seed, row);
+            }
+            return;
+        }
+        for (part, cell) in self.parts.iter_mut().zip(cells) {
+            if let Some(cell) = cell {
+                let groups = self.groups;
+                part.own
+                    .get_or_insert_with(|| MaskSums::with_groups(groups))
+                    .push(&mut self.adder, group, cell.seed(), cell.row());
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        self.shared.flush(&mut self.adder);
+        for own in self.parts.iter_mut().filter_map(|p| p.own.as_mut()) {
+            own.flush(&mut self.adder);
+        }
+    }
+
+    /// The cell arrays of `values`, one per part, checked against the parts' cell widths.
+    fn cell_arrays<'a>(&self, values: &'a [ArrayRef]) -> Result<Vec<&'a FixedSizeBinaryArray>> {
+        self.parts
+            .iter()
+            .zip(values)
+            .map(|(part, v)| {
+                let array = v.as_fixed_size_binary();
+                let width = part.crypto.cell_width();
+                if array.value_length() as usize != width {
+                    return Err(HedfError::Malformed(format!(
+                        "he_sum({}) got {}-byte cells, expected {width}",
+                        part.column,
+                        array.value_length()
+                    ))
+                    .into());
+                }
+                Ok(array)
+            })
+            .collect()
+    }
+
+    /// Accumulates the rows of `values` (row i into group `groups[i]`) that `filter` keeps.
     fn add_cells(
         &mut self,
-        array: &arrow::array::FixedSizeBinaryArray,
+        values: &[ArrayRef],
         groups: &[usize],
         filter: Option<&BooleanArray>,
     ) -> Result<()> {
-        let width = self.crypto.cell_width();
-        if array.value_length() as usize != width {
-            return Err(HedfError::Malformed(format!(
-                "he_sum({}) got {}-byte cells, expected {width}",
-                self.column,
-                array.value_length()
-            ))
-            .into());
-        }
-        let cells = array.value_data();
-        // The chunk whose rows are being collected: (its seeds, as a cell holds them; chunk).
-        let mut current: Option<(&[u8], u64)> = None;
+        let arrays = self.cell_arrays(values)?;
+        let mut cells = Vec::with_capacity(arrays.len());
         for (i, &group) in groups.iter().enumerate() {
-            if array.is_null(i) || filter.is_some_and(|f| !f.is_valid(i) || !f.value(i)) {
+            if filter.is_some_and(|f| !f.is_valid(i) || !f.value(i)) {
                 continue;
             }
-            let cell = CellRef::parse(&cells[i * width..(i + 1) * width], &self.crypto)?;
-            self.counts[group] += 1;
-            for limb in 0..self.limbs {
-                let b = &mut self.bodies[group * self.limbs + limb];
-                *b = b.wrapping_add(cell.body(limb));
+            cells.clear();
+            for (part, array) in self.parts.iter().zip(&arrays) {
+                cells.push(if array.is_null(i) {
+                    None
+                } else {
+                    Some(CellRef::parse(array.value(i), &part.crypto)?)
+                });
             }
-            let (row, chunk) = (cell.row(), cell.row() / N as u64);
-            if let Some((seeds, c)) = current {
-                if c != chunk || cell.seed_bytes() != seeds {
-                    self.add_chunk_rows(seeds, c);
-                    current = None;
-                }
-            }
-            current.get_or_insert((cell.seed_bytes(), chunk));
-            self.keys
-                .push(((group as u64) << SLOT_BITS) | (row % N as u64));
+            self.add_row(group, &cells);
         }
-        if let Some((seeds, c)) = current {
-            self.add_chunk_rows(seeds, c);
+        self.flush();
+        Ok(())
+    }
+
+    /// Adds one partial state (a row's cells, a sum or a bundle) to `group`.
+    fn merge_state(&mut self, bytes: &[u8], group: usize) -> Result<()> {
+        let malformed = || HedfError::Malformed("he_sum partial state is malformed".into());
+        if let Some(mut rest) = bytes.strip_prefix(CELLS_STATE_TAG) {
+            let mut cells = Vec::with_capacity(self.parts.len());
+            for part in &self.parts {
+                let (&present, tail) = rest.split_first().ok_or_else(malformed)?;
+                if present == 0 {
+                    cells.push(None);
+                    rest = tail;
+                    continue;
+                }
+                let width = part.crypto.cell_width();
+                if tail.len() < width {
+                    return Err(malformed().into());
+                }
+                cells.push(Some(CellRef::parse(&tail[..width], &part.crypto)?));
+                rest = &tail[width..];
+            }
+            if !rest.is_empty() {
+                return Err(malformed().into());
+            }
+            self.add_row(group, &cells);
+            return Ok(());
+        }
+        match self.output {
+            Output::Sum => {
+                let sum = SumRef::parse(bytes)?;
+                let part = &mut self.parts[0];
+                part.check_state(&sum.crypto)?;
+                part.counts[group] += sum.count;
+                part.add_bodies(group, |limb| sum.body(limb));
+                self.shared.add(&mut self.adder, group, sum.inline_mask()?);
+            }
+            Output::Bundle => {
+                let bundle = BundleRef::parse(bytes)?;
+                if bundle.parts.len() != self.parts.len() {
+                    return Err(malformed().into());
+                }
+                for (part, state) in self.parts.iter_mut().zip(&bundle.parts) {
+                    part.check_state(&state.crypto)?;
+                    part.counts[group] += state.count;
+                    part.add_bodies(group, |limb| state.body(limb));
+                    if let Some(own) = state.own {
+                        let groups = self.groups;
+                        part.own
+                            .get_or_insert_with(|| MaskSums::with_groups(groups))
+                            .add(&mut self.adder, group, own);
+                    }
+                }
+                self.shared.add(&mut self.adder, group, bundle.shared);
+            }
         }
         Ok(())
     }
 
-    fn merge_sum(&mut self, sum: &SumRef<'_>, group: usize) -> Result<()> {
-        if sum.crypto != self.crypto {
-            return Err(if sum.crypto.key_id != self.crypto.key_id {
-                HedfError::MixedKeys {
-                    first: self.crypto.key_id.to_string(),
-                    second: sum.crypto.key_id.to_string(),
-                }
-            } else {
-                HedfError::Malformed(format!(
-                    "he_sum({}) state has a different encoding",
-                    self.column
-                ))
-            }
-            .into());
-        }
-        self.counts[group] += sum.count;
-        for limb in 0..self.limbs {
-            let b = &mut self.bodies[group * self.limbs + limb];
-            *b = b.wrapping_add(sum.body(limb));
-        }
-        let mask: Vec<u64> = sum.mask().collect();
-        (self.kernels.add)(&mut self.masks[group * N..(group + 1) * N], &mask);
-        Ok(())
-    }
-
-    /// Emits sums (or partial states) for the groups `emit_to` names and forgets them.
+    /// Emits sums, bundles or partial states for the groups `emit_to` names and forgets them.
     fn emit(&mut self, emit_to: EmitTo, check_budget: bool) -> Result<ArrayRef> {
-        let counts = emit_to.take_needed(&mut self.counts);
-        let n = counts.len();
-        let bodies: Vec<u64> = self.bodies.drain(..n * self.limbs).collect();
-        let masks: Vec<u64> = self.masks.drain(..n * N).collect();
-        let max_rows = self.crypto.spec.max_rows();
-        let mut builder = LargeBinaryBuilder::with_capacity(n, n * self.crypto.sum_len());
-        let mut buffer = Vec::with_capacity(self.crypto.sum_len());
-        for (g, &count) in counts.iter().enumerate() {
-            if count == 0 {
-                builder.append_null();
-                continue;
-            }
-            if check_budget && count > max_rows {
-                return Err(HedfError::BudgetExceeded {
-                    column: self.column.clone(),
-                    rows: count,
-                    max_rows,
-                    why: self.crypto.spec.budget_reason(),
+        self.flush();
+        let n = match emit_to {
+            EmitTo::All => self.groups,
+            EmitTo::First(n) => n,
+        };
+        self.groups -= n;
+        let shared = self.shared.take(n);
+        let mut taken = Vec::with_capacity(self.parts.len());
+        for part in &mut self.parts {
+            let counts = emit_to.take_needed(&mut part.counts);
+            let bodies: Vec<u64> = part.bodies.drain(..n * part.limbs).collect();
+            let own = part.own.as_mut().map(|o| o.take(n));
+            if check_budget {
+                let max_rows = part.crypto.spec.max_rows();
+                if let Some(&rows) = counts.iter().find(|&&c| c > max_rows) {
+                    return Err(HedfError::BudgetExceeded {
+                        column: part.column.clone(),
+                        rows,
+                        max_rows,
+                        why: part.crypto.spec.budget_reason(),
+                    }
+                    .into());
                 }
-                .into());
             }
+            taken.push((counts, bodies, own));
+        }
+        let value_len = match self.output {
+            Output::Sum => self.parts[0].crypto.sum_len(),
+            Output::Bundle => MASK_BYTES + 64 * self.parts.len(),
+        };
+        let mut builder = LargeBinaryBuilder::with_capacity(n, n * value_len);
+        let mut buffer = Vec::with_capacity(value_len);
+        let mut mask = vec![0u64; N];
+        for g in 0..n {
+            let masks = g * N..(g + 1) * N;
             buffer.clear();
-            write_sum(
-                &self.crypto,
-                count,
-                &bodies[g * self.limbs..(g + 1) * self.limbs],
-                &masks[g * N..(g + 1) * N],
-                &mut buffer,
-            );
+            match self.output {
+                Output::Sum => {
+                    let (part, (counts, bodies, own)) = (&self.parts[0], &taken[0]);
+                    if counts[g] == 0 {
+                        builder.append_null();
+                        continue;
+                    }
+                    mask.copy_from_slice(&shared[masks.clone()]);
+                    if let Some(own) = own {
+                        (self.adder.kernels.add)(&mut mask, &own[masks]);
+                    }
+                    let bodies = &bodies[g * part.limbs..(g + 1) * part.limbs];
+                    write_sum(&part.crypto, counts[g], bodies, &mask, &mut buffer);
+                }
+                Output::Bundle => {
+                    if taken.iter().all(|(counts, _, _)| counts[g] == 0) {
+                        builder.append_null();
+                        continue;
+                    }
+                    let parts: Vec<BundlePart<'_>> = self
+                        .parts
+                        .iter()
+                        .zip(&taken)
+                        .map(|(part, (counts, bodies, own))| BundlePart {
+                            crypto: &part.crypto,
+                            count: counts[g],
+                            bodies: &bodies[g * part.limbs..(g + 1) * part.limbs],
+                            own: own
+                                .as_ref()
+                                .map(|o| &o[masks.clone()])
+                                .filter(|o| o.iter().any(|&w| w != 0)),
+                        })
+                        .collect();
+                    write_bundle(&parts, &shared[masks], &mut buffer);
+                }
+            }
             builder.append_value(&buffer);
         }
         Ok(Arc::new(builder.finish()))
@@ -426,7 +687,7 @@ impl GroupsAccumulator for HeSumGroupsAccumulator {
         total_num_groups: usize,
     ) -> Result<()> {
         self.resize(total_num_groups);
-        self.add_cells(values[0].as_fixed_size_binary(), group_indices, opt_filter)
+        self.add_cells(values, group_indices, opt_filter)
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
@@ -445,50 +706,52 @@ impl GroupsAccumulator for HeSumGroupsAccumulator {
     ) -> Result<()> {
         self.resize(total_num_groups);
         let states = values[0].as_binary::<i64>();
-        let width = self.crypto.cell_width();
         for (i, &group) in group_indices.iter().enumerate() {
-            if states.is_null(i) {
-                continue;
-            }
-            let bytes = states.value(i);
-            if let Some(cell) = bytes.strip_prefix(CELL_STATE_TAG) {
-                let single =
-                    arrow::array::FixedSizeBinaryArray::try_from_iter(std::iter::once(cell))?;
-                if single.value_length() as usize != width {
-                    return Err(HedfError::Malformed(
-                        "he_sum partial state has a malformed cell".into(),
-                    )
-                    .into());
-                }
-                self.add_cells(&single, &[group], None)?;
-            } else {
-                self.merge_sum(&SumRef::parse(bytes)?, group)?;
+            if states.is_valid(i) {
+                self.merge_state(states.value(i), group)?;
             }
         }
+        self.flush();
         Ok(())
     }
 
-    /// One row's state is its cell, tagged: no mask is expanded until rows meet in a group.
+    /// One row's state is its cells, tagged: no mask is expanded until rows meet in a group.
     fn convert_to_state(
         &self,
         values: &[ArrayRef],
         opt_filter: Option<&BooleanArray>,
     ) -> Result<Vec<ArrayRef>> {
-        let cells = values[0].as_fixed_size_binary();
-        let states: LargeBinaryArray = (0..cells.len())
+        let arrays = self.cell_arrays(values)?;
+        let rows = values.first().map_or(0, |v| v.len());
+        let states: LargeBinaryArray = (0..rows)
             .map(|i| {
-                let keep =
-                    cells.is_valid(i) && opt_filter.is_none_or(|f| f.is_valid(i) && f.value(i));
-                keep.then(|| [CELL_STATE_TAG.as_slice(), cells.value(i)].concat())
+                let keep = opt_filter.is_none_or(|f| f.is_valid(i) && f.value(i))
+                    && arrays.iter().any(|a| a.is_valid(i));
+                keep.then(|| {
+                    let mut state = CELLS_STATE_TAG.to_vec();
+                    for a in &arrays {
+                        state.push(a.is_valid(i) as u8);
+                        if a.is_valid(i) {
+                            state.extend_from_slice(a.value(i));
+                        }
+                    }
+                    state
+                })
             })
             .collect();
         Ok(vec![Arc::new(states)])
     }
 
     fn size(&self) -> usize {
-        8 * (self.counts.capacity() + self.bodies.capacity() + self.masks.capacity())
-            + CACHED_CHUNKS * 8 * (4 * N + 1)
-            + 8 * self.keys.capacity()
+        let parts: usize = self
+            .parts
+            .iter()
+            .map(|p| {
+                8 * (p.counts.capacity() + p.bodies.capacity())
+                    + p.own.as_ref().map_or(0, MaskSums::size)
+            })
+            .sum();
+        parts + self.shared.size() + CACHED_CHUNKS * 8 * (4 * N + 1)
     }
 }
 
@@ -518,7 +781,7 @@ mod tests {
             let run = 1 + (rng.random_uniform::<u64>() % 40) as usize;
             groups.extend(std::iter::repeat_n(group, run.min(rows - groups.len())));
         }
-        let mut acc = HeSumGroupsAccumulator::new("v".into(), crypto);
+        let mut acc = HeSumGroupsAccumulator::new(vec![("v".into(), crypto)]);
         acc.update_batch(std::slice::from_ref(&cells), &groups, None, 7)
             .unwrap();
         let mut naive = vec![vec![0u64; N]; 7];
@@ -545,7 +808,11 @@ mod tests {
                 sum.count as usize,
                 groups.iter().filter(|&&x| x == g).count()
             );
-            assert_eq!(&sum.mask().collect::<Vec<_>>(), want, "group {g}");
+            assert_eq!(
+                &mask_words(sum.inline_mask().unwrap()).collect::<Vec<_>>(),
+                want,
+                "group {g}"
+            );
         }
     }
 
@@ -582,7 +849,7 @@ mod tests {
         let (groups, per_group) = (256usize, 64usize);
         let n = groups * per_group;
         let (crypto, cells) = encrypted_zeros(&key, n);
-        let mut acc = HeSumGroupsAccumulator::new("v".into(), crypto);
+        let mut acc = HeSumGroupsAccumulator::new(vec![("v".into(), crypto)]);
         let group_of: Vec<usize> = (0..n).map(|i| (i * 7919) % groups).collect();
         acc.update_batch(&[cells], &group_of, None, groups).unwrap();
         let sums = acc.evaluate(EmitTo::All).unwrap();

@@ -7,6 +7,7 @@
 
 mod accumulator;
 pub mod builtin;
+pub mod fused;
 
 use std::sync::Arc;
 
@@ -44,7 +45,7 @@ struct HeSum {
 }
 
 /// The marking of he_sum's argument, or a planning error saying why it cannot be summed.
-fn argument_marking(field: &Field) -> Result<ColumnMarking> {
+pub(crate) fn argument_marking(field: &Field) -> Result<ColumnMarking> {
     let meta = field.metadata();
     if meta.contains_key(META_KIND) && !meta.contains_key(META_KEY_ID) {
         // DataFusion drops metadata values that differ between UNION inputs.
@@ -115,13 +116,13 @@ impl AggregateUDFImpl for HeSum {
 
 fn new_accumulator(args: &AccumulatorArgs) -> Result<HeSumGroupsAccumulator> {
     let field = &args.expr_fields[0];
-    Ok(HeSumGroupsAccumulator::new(
+    Ok(HeSumGroupsAccumulator::new(vec![(
         field.name().clone(),
         argument_marking(field)?.crypto,
-    ))
+    )]))
 }
 
-/// he_sum without GROUP BY: the group accumulator with one group.
+/// he_sum (or fused he_sums) without GROUP BY: the group accumulator with one group.
 #[derive(Debug)]
 struct SingleGroup(HeSumGroupsAccumulator);
 

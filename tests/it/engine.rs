@@ -14,6 +14,7 @@ use arrow::datatypes::Decimal128Type;
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::prelude::{SessionConfig, SessionContext};
+use hedf::crypto::answer::share_masks;
 use hedf::crypto::cell::{ColumnMarking, SUM_COUNT_AT};
 use hedf::crypto::client::{decrypt_batch, decrypt_sum, encrypt_batches, MeasureColumn};
 use hedf::crypto::keys::ClientKey;
@@ -81,8 +82,17 @@ async fn assert_same(
     encrypted_sql: &str,
     plain_sql: &str,
 ) -> usize {
-    let got = run(ctx, encrypted_sql).await.unwrap();
-    let got: Vec<RecordBatch> = got.iter().map(|b| decrypt_batch(key, b).unwrap()).collect();
+    let sent = run(ctx, encrypted_sql).await.unwrap();
+    let got: Vec<RecordBatch> = sent
+        .iter()
+        .map(|b| decrypt_batch(key, b).unwrap())
+        .collect();
+    // As the server sends it: a row's sums on one mask carry it once.
+    let shared: Vec<RecordBatch> = sent
+        .iter()
+        .map(|b| decrypt_batch(key, &share_masks(b).unwrap()).unwrap())
+        .collect();
+    assert_eq!(all_values(&shared), all_values(&got), "{encrypted_sql}");
     let want = run(ctx, plain_sql).await.unwrap();
     let (got, want) = (all_values(&got), all_values(&want));
     assert_eq!(got, want, "{encrypted_sql}");
@@ -128,7 +138,8 @@ const SUM_BY_G: (&str, &str) = (
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
-    /// Random tables: negative values, NULLs, 0-4 decimals, 1-3 partitions, tiny batches.
+    /// Random tables: negative values, NULLs that differ between measures, 0-4 decimals, 1-3
+    /// partitions, tiny batches; fused sums with FILTERs, and sums across two encryptions.
     #[test]
     fn decrypted_sums_equal_plaintext_sums(
         rows in prop::collection::vec((0u8..6, prop::option::weighted(0.8, -10i128.pow(12)..10i128.pow(12)), prop::option::weighted(0.8, i64::MIN as i128 / 4..i64::MAX as i128 / 4)), 1..200),
@@ -142,9 +153,27 @@ proptest! {
             let ctx = context(partitions, batch_size);
             let groups = rows.iter().map(|r| format!("g{}", r.0)).collect();
             let batch = table(groups, rows.iter().map(|r| r.1).collect(), rows.iter().map(|r| r.2).collect(), scale);
-            register(&ctx, dir.path(), "t", key(), &[batch], &measures(scale));
+            register(&ctx, dir.path(), "t", key(), std::slice::from_ref(&batch), &measures(scale));
+            // The same rows encrypted again: another mask stream, as a second table brings.
+            register(&ctx, dir.path(), "u", key(), &[batch], &measures(scale));
             assert_same(&ctx, key(), SUM_BY_G.0, SUM_BY_G.1).await;
             assert_same(&ctx, key(), "SELECT he_sum(v), he_sum(w) FROM t", "SELECT SUM(v), SUM(w) FROM t_plain").await;
+            assert_same(
+                &ctx,
+                key(),
+                "SELECT g, he_sum(v) FILTER (WHERE k % 3 = 0), he_sum(w) FILTER (WHERE k % 3 = 0), \
+                 he_sum(v), SUM(w) FILTER (WHERE k % 2 = 1), COUNT(w), SUM(w) FROM t GROUP BY g ORDER BY g",
+                "SELECT g, SUM(v) FILTER (WHERE k % 3 = 0), SUM(w) FILTER (WHERE k % 3 = 0), \
+                 SUM(v), SUM(w) FILTER (WHERE k % 2 = 1), COUNT(w), SUM(w) FROM t_plain GROUP BY g ORDER BY g",
+            ).await;
+            assert_same(
+                &ctx,
+                key(),
+                "SELECT t.g, he_sum(t.v), he_sum(u.w), he_sum(t.w) FROM t JOIN u ON t.k = u.k \
+                 WHERE u.k % 4 <> 1 GROUP BY t.g ORDER BY t.g",
+                "SELECT t.g, SUM(t.v), SUM(u.w), SUM(t.w) FROM t_plain AS t JOIN u_plain AS u \
+                 ON t.k = u.k WHERE u.k % 4 <> 1 GROUP BY t.g ORDER BY t.g",
+            ).await;
         });
     }
 }
@@ -280,6 +309,41 @@ async fn stored_ciphertext_costs_its_bodies_and_less_than_a_byte_more() {
         (0.0..2.0).contains(&overhead),
         "{overhead} bytes per row beyond the bodies"
     );
+}
+
+/// Several sums of one table over the same rows plan as one fused aggregate, and the answer
+/// carries each row's mask sum once: the other sums name the column that carries it.
+#[tokio::test]
+async fn sums_of_one_table_share_one_mask_sum_per_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(2, 64);
+    register(&ctx, dir.path(), "t", key(), &[small_table()], &measures(1));
+    let sql = "SELECT g, SUM(v), he_sum(w), COUNT(*) FROM t GROUP BY g ORDER BY g";
+    let plan = run(&ctx, &format!("EXPLAIN {sql}")).await.unwrap();
+    let plan = arrow::util::pretty::pretty_format_batches(&plan)
+        .unwrap()
+        .to_string();
+    assert!(plan.contains("he_sum_fused(t.v, t.w)"), "{plan}");
+    assert!(plan.contains("he_sum_part("), "{plan}");
+
+    let sent = run(&ctx, sql).await.unwrap();
+    let shared = share_masks(&sent[0]).unwrap();
+    let (full, sharing) = (
+        shared.column(1).as_binary::<i64>(),
+        shared.column(2).as_binary::<i64>(),
+    );
+    // Group a's w is NULL on one of its rows, so its two sums cover different rows and
+    // masks; group b's cover the same row.
+    assert!(full.value(0).len() > 32_768 && sharing.value(0).len() > 32_768);
+    assert!(full.value(1).len() > 32_768 && sharing.value(1).len() < 100);
+    assert_eq!(
+        all_values(&[decrypt_batch(key(), &shared).unwrap()]),
+        all_values(&[decrypt_batch(key(), &sent[0]).unwrap()])
+    );
+    // Without the carrier the sharing sum cannot be decrypted, and says why.
+    let alone = shared.project(&[0, 2]).unwrap();
+    let err = decrypt_batch(key(), &alone).unwrap_err().to_string();
+    assert!(err.contains("keep the answer's columns together"), "{err}");
 }
 
 #[test]
@@ -493,7 +557,7 @@ async fn sums_over_the_budget_are_refused_by_server_and_client() {
     let max = crypto.spec.max_rows();
     let mut forged = sum.clone();
     forged[SUM_COUNT_AT].copy_from_slice(&max.to_le_bytes());
-    let mut acc = HeSumGroupsAccumulator::new("v".into(), crypto);
+    let mut acc = HeSumGroupsAccumulator::new(vec![("v".into(), crypto)]);
     let state: ArrayRef = Arc::new(arrow::array::LargeBinaryArray::from_iter_values([
         forged.clone()
     ]));

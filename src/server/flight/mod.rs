@@ -52,6 +52,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::crypto::answer::share_masks;
 use crate::engine::session::{CATALOG, SCHEMA};
 use crate::engine::statement::{plan, Planned};
 use crate::error::{with_causes, ErrorKind, HedfError, Result};
@@ -331,12 +332,16 @@ impl HedfFlightService {
         let (stream, tables) = self.within(deadline, start).await?;
         let schema = stream.schema();
         // The snapshot travels with the stream: the files it reads stay until it is done.
+        // A row's sums that share one mask sum send it once.
         let batches = stream.map(move |batch| {
             let _files = &tables;
             if let Ok(batch) = &batch {
                 audit.add_rows(batch.num_rows());
             }
-            batch.map_err(|e| FlightError::Tonic(Box::new(to_status(HedfError::from(e)))))
+            batch
+                .map_err(HedfError::from)
+                .and_then(|b| share_masks(&b))
+                .map_err(|e| FlightError::Tonic(Box::new(to_status(e))))
         });
         Ok(until_deadline(
             encode(schema, batches),

@@ -65,6 +65,8 @@ const SUM_REF_MAGIC: &[u8; 4] = b"HSRF";
 const BUNDLE_MAGIC: &[u8; 4] = b"HBUN";
 /// Bytes of a mask sum: N coefficients of 8 bytes.
 pub const MASK_BYTES: usize = 8 * POLYNOMIAL_SIZE;
+/// Most sums one bundle holds (its part count is one byte).
+pub const MAX_BUNDLE_PARTS: usize = 255;
 /// Leading bytes of the carrier's mask a mask-sharing sum repeats as a check.
 const MASK_CHECK_BYTES: usize = 16;
 const SUM_HEADER_LEN: usize = 4 + 1 + HEADER_LEN + 8;
@@ -467,7 +469,9 @@ pub struct SumRef<'a> {
 impl<'a> SumRef<'a> {
     pub fn parse(bytes: &'a [u8]) -> Result<Self> {
         let bad = |why: &str| HedfError::Malformed(format!("he_sum result: {why}"));
-        if bytes.len() < SUM_HEADER_LEN || !matches!(&bytes[..4], b"HSUM" | b"HSRF") {
+        if bytes.len() < SUM_HEADER_LEN
+            || (&bytes[..4] != SUM_MAGIC && &bytes[..4] != SUM_REF_MAGIC)
+        {
             return Err(bad("not a hedf sum"));
         }
         if bytes[4] != LAYOUT_VERSION {
@@ -531,7 +535,8 @@ pub struct BundlePart<'a> {
 pub fn write_bundle(parts: &[BundlePart<'_>], shared: &[u64], out: &mut Vec<u8>) {
     out.extend_from_slice(BUNDLE_MAGIC);
     out.push(LAYOUT_VERSION);
-    out.push(u8::try_from(parts.len()).expect("at most 255 fused sums"));
+    // The fusion rule never builds more than MAX_BUNDLE_PARTS parts.
+    out.push(u8::try_from(parts.len()).expect("at most MAX_BUNDLE_PARTS parts"));
     for p in parts {
         out.extend_from_slice(&p.crypto.header());
         out.extend_from_slice(&p.count.to_le_bytes());

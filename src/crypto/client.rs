@@ -19,7 +19,7 @@ use tfhe::core_crypto::seeders::new_seeder;
 
 use crate::crypto::answer::MaskResolver;
 use crate::crypto::cell::{
-    mask_words, write_cell, CellRef, ColumnCrypto, ColumnKind, ColumnMarking, SumRef,
+    mask_words, write_cell, CellRef, ColumnCrypto, ColumnKind, ColumnMarking, SumMask, SumRef,
 };
 use crate::crypto::encoding::{parse_decimal, precision_limit, MeasureSpec, MAX_PRECISION};
 use crate::crypto::glwe::{ChunkEncryptor, FourierKeys};
@@ -451,7 +451,12 @@ pub fn decrypt_sum(
     column: &str,
 ) -> Result<i128> {
     let sum = SumRef::parse(bytes)?;
-    let mask = sum.inline_mask()?;
+    let SumMask::Inline(mask) = sum.mask else {
+        return Err(HedfError::Invalid(format!(
+            "column {column:?}: this sum shares its mask with another sum of its answer; \
+             decrypt the whole answer (decrypt_batch)"
+        )));
+    };
     decrypt_sum_with(key, &column_keys(key, expect), &sum, mask, expect, column)
 }
 

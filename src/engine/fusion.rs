@@ -1,12 +1,13 @@
 //! Fuses the he_sums of one aggregation that read the same rows into one accumulator, so each
 //! row's common mask is added once for all of them instead of once per measure.
 //!
-//! `SELECT g, SUM(a), SUM(b) FILTER (WHERE p), SUM(c) FILTER (WHERE p) ... GROUP BY g` plans as
-//! `Projection(g, he_sum_part(f0, 0) AS "sum(a)" ...)` over
-//! `Aggregate(g; he_sum_fused(a, ...) AS f0, he_sum_fused(b, c) FILTER (WHERE p) AS f1)`:
-//! one fused call per distinct FILTER with two or more encrypted sums. The projection gives
-//! back every original column with its name and marking, so nothing above notices. See
-//! [`crate::udaf::fused`].
+//! `SELECT g, SUM(a), he_sum(b), SUM(c) FILTER (WHERE p), SUM(d) FILTER (WHERE p) ... GROUP BY g`
+//! plans as `Projection(g, he_sum_part(__hedf_fused_0, 0) AS "sum(a)", ...)` over
+//! `Aggregate(g; he_sum_fused(a, b) AS __hedf_fused_0,
+//! he_sum_fused(c, d) FILTER (WHERE p) AS __hedf_fused_1)`: one fused call per distinct FILTER
+//! with two or more encrypted sums (at most [`MAX_BUNDLE_PARTS`] each). A volatile FILTER is
+//! evaluated once per call, so its sums are left alone. The projection gives back every original
+//! column with its name and marking, so nothing above notices. See [`crate::udaf::fused`].
 
 use std::sync::Arc;
 
@@ -21,7 +22,7 @@ use datafusion::logical_expr::{
 use datafusion::optimizer::optimizer::ApplyOrder;
 use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
 
-use crate::crypto::cell::ColumnKind;
+use crate::crypto::cell::{ColumnKind, MAX_BUNDLE_PARTS};
 use crate::udaf::fused::{he_sum_fused_udaf, he_sum_part_udf};
 use crate::udaf::{argument_marking, HE_SUM};
 
@@ -44,10 +45,11 @@ impl Default for FuseHeSums {
 /// The FILTER of an aggregate call that sums one encrypted column (he_sum, or SUM of an
 /// encrypted column), `Some(filter)`; `None` for any other call.
 fn encrypted_sum(expr: &Expr, aggregate: &Aggregate) -> Option<Option<Box<Expr>>> {
-    let Expr::AggregateFunction(AggregateFunction { func, params }) = expr else {
+    let Expr::AggregateFunction(AggregateFunction { func, params }) = unaliased(expr) else {
         return None;
     };
     let plain = params.distinct
+        || params.filter.as_ref().is_some_and(|f| f.is_volatile())
         || !params.order_by.is_empty()
         || params.null_treatment.is_some()
         || params.args.len() != 1
@@ -58,6 +60,14 @@ fn encrypted_sum(expr: &Expr, aggregate: &Aggregate) -> Option<Option<Box<Expr>>
     let (_, field) = params.args[0].to_field(aggregate.input.schema()).ok()?;
     let marking = argument_marking(&field).ok()?;
     (marking.kind == ColumnKind::Cell).then(|| params.filter.clone())
+}
+
+/// The expression under any aliases.
+fn unaliased(expr: &Expr) -> &Expr {
+    match expr {
+        Expr::Alias(alias) => unaliased(&alias.expr),
+        other => other,
+    }
 }
 
 impl OptimizerRule for FuseHeSums {
@@ -99,7 +109,16 @@ impl OptimizerRule for FuseHeSums {
                 None => fusions.push((filter, vec![i])),
             }
         }
-        fusions.retain(|(_, calls)| calls.len() > 1);
+        let fusions: Vec<(Option<Box<Expr>>, Vec<usize>)> = fusions
+            .into_iter()
+            .flat_map(|(filter, calls)| {
+                calls
+                    .chunks(MAX_BUNDLE_PARTS)
+                    .filter(|chunk| chunk.len() > 1)
+                    .map(|chunk| (filter.clone(), chunk.to_vec()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         if fusions.is_empty() {
             return Ok(Transformed::no(plan));
         }
@@ -119,7 +138,7 @@ impl OptimizerRule for FuseHeSums {
                 .enumerate()
                 .map(|(part, &i)| {
                     source[i] = Some((n, part));
-                    let Expr::AggregateFunction(call) = &aggregate.aggr_expr[i] else {
+                    let Expr::AggregateFunction(call) = unaliased(&aggregate.aggr_expr[i]) else {
                         unreachable!("encrypted_sum accepted only aggregate calls");
                     };
                     call.params.args[0].clone()

@@ -1,7 +1,8 @@
 //! The he_sum group accumulator, for one column or several fused ones: per group and column, a
-//! row count and the limb body sums; per group, one mask sum (N coefficients) that every limb
-//! of every column shares, since a table row's cells share one common mask. Adds are wrapping
-//! u64 on the torus; nothing here needs a key.
+//! row count and the limb body sums; per group, one shared mask sum (N coefficients) of the rows
+//! whose cells all share one common mask (a table row's measures, none NULL), and per column
+//! and group that needs it, a mask sum of the column's other rows. Adds are wrapping u64 on the
+//! torus; nothing here needs a key.
 //!
 //! Row `j` of a chunk with mask polynomial `a` is the LWE sample extracted at position `j`, whose mask
 //! is `v_j[i] = w[j - i]` with `w[t] = a[t]` for `t >= 0` and `w[t] = -a[N + t]` for `t < 0`.
@@ -236,11 +237,38 @@ struct Adder {
     words: Vec<u64>,
 }
 
-/// Mask sums of any number of groups (N coefficients each), fed row by row. Rows are
-/// collected per chunk and added when the chunk changes or on [`MaskSums::flush`].
+/// Marks a group without a mask sum of its own in [`Sums::index`].
+const NONE: u32 = u32::MAX;
+
+/// Mask sums of any number of groups, N coefficients each, allocated on a group's first row:
+/// a column's own sums (see [`HeSumGroupsAccumulator`]) exist only for the groups that need them.
+#[derive(Default)]
+struct Sums {
+    /// Per group, where its sum starts in `pool` (in units of N), or [`NONE`].
+    index: Vec<u32>,
+    pool: Vec<u64>,
+    /// Places in `pool` whose groups were emitted, zeroed for reuse.
+    free: Vec<u32>,
+}
+
+impl Sums {
+    fn get_mut(&mut self, group: usize) -> &mut [u64] {
+        if self.index[group] == NONE {
+            self.index[group] = self.free.pop().unwrap_or_else(|| {
+                self.pool.resize(self.pool.len() + N, 0);
+                (self.pool.len() / N - 1) as u32
+            });
+        }
+        let at = self.index[group] as usize * N;
+        &mut self.pool[at..at + N]
+    }
+}
+
+/// Mask sums of any number of groups, fed row by row. Rows are collected per chunk and added
+/// when the chunk changes or on [`MaskSums::flush`].
 #[derive(Default)]
 struct MaskSums {
-    masks: Vec<u64>,
+    sums: Sums,
     /// Sort keys (group << SLOT_BITS | position) of the pending rows of chunk `current`.
     keys: Vec<u64>,
     current: Option<(u128, u64)>,
@@ -248,14 +276,13 @@ struct MaskSums {
 
 impl MaskSums {
     fn with_groups(groups: usize) -> Self {
-        MaskSums {
-            masks: vec![0; groups * N],
-            ..Default::default()
-        }
+        let mut sums = MaskSums::default();
+        sums.resize(groups);
+        sums
     }
 
     fn resize(&mut self, groups: usize) {
-        self.masks.resize(groups * N, 0);
+        self.sums.index.resize(groups, NONE);
     }
 
     /// Adds row `row` of the mask stream `seed` to `group`'s sum.
@@ -308,9 +335,8 @@ impl MaskSums {
                     windows.runs.push((N - 1 - j1, N - j0));
                 }
             }
-            let at = group * N;
             (kernels.add_windows)(
-                &mut self.masks[at..at + N],
+                self.sums.get_mut(group),
                 windows,
                 &tables.single,
                 &tables.prefix,
@@ -323,16 +349,34 @@ impl MaskSums {
     fn add(&mut self, adder: &mut Adder, group: usize, mask: &[u8]) {
         adder.words.clear();
         adder.words.extend(mask_words(mask));
-        (adder.kernels.add)(&mut self.masks[group * N..(group + 1) * N], &adder.words);
+        (adder.kernels.add)(self.sums.get_mut(group), &adder.words);
     }
 
-    /// The first `groups` groups' sums, forgotten here.
-    fn take(&mut self, groups: usize) -> Vec<u64> {
-        self.masks.drain(..groups * N).collect()
+    /// The first `groups` groups' sums, forgotten here: N coefficients per group (zeros for a
+    /// group without a sum) and whether each group has one.
+    fn take(&mut self, groups: usize) -> (Vec<u64>, Vec<bool>) {
+        let mut out = vec![0; groups * N];
+        let mut present = vec![false; groups];
+        let Sums { index, pool, free } = &mut self.sums;
+        for (g, at) in index.drain(..groups).enumerate() {
+            if at != NONE {
+                let sum = &mut pool[at as usize * N..(at as usize + 1) * N];
+                out[g * N..(g + 1) * N].copy_from_slice(sum);
+                sum.fill(0);
+                free.push(at);
+                present[g] = true;
+            }
+        }
+        if index.is_empty() {
+            *pool = Vec::new();
+            free.clear();
+        }
+        (out, present)
     }
 
     fn size(&self) -> usize {
-        8 * (self.masks.capacity() + self.keys.capacity())
+        8 * (self.sums.pool.capacity() + self.keys.capacity())
+            + 4 * (self.sums.index.capacity() + self.sums.free.capacity())
     }
 }
 
@@ -606,7 +650,7 @@ impl HeSumGroupsAccumulator {
             EmitTo::First(n) => n,
         };
         self.groups -= n;
-        let shared = self.shared.take(n);
+        let (shared, _) = self.shared.take(n);
         let mut taken = Vec::with_capacity(self.parts.len());
         for part in &mut self.parts {
             let counts = emit_to.take_needed(&mut part.counts);
@@ -644,7 +688,7 @@ impl HeSumGroupsAccumulator {
                         continue;
                     }
                     mask.copy_from_slice(&shared[masks.clone()]);
-                    if let Some(own) = own {
+                    if let Some((own, true)) = own.as_ref().map(|(o, p)| (o, p[g])) {
                         (self.adder.kernels.add)(&mut mask, &own[masks]);
                     }
                     let bodies = &bodies[g * part.limbs..(g + 1) * part.limbs];
@@ -665,8 +709,8 @@ impl HeSumGroupsAccumulator {
                             bodies: &bodies[g * part.limbs..(g + 1) * part.limbs],
                             own: own
                                 .as_ref()
-                                .map(|o| &o[masks.clone()])
-                                .filter(|o| o.iter().any(|&w| w != 0)),
+                                .filter(|(_, present)| present[g])
+                                .map(|(o, _)| &o[masks.clone()]),
                         })
                         .collect();
                     write_bundle(&parts, &shared[masks], &mut buffer);

@@ -23,7 +23,9 @@ use datafusion::logical_expr::{
 };
 
 use super::{argument_marking, HeSumGroupsAccumulator, SingleGroup};
-use crate::crypto::cell::{mask_words, write_sum, BundleRef, ColumnCrypto, ColumnKind};
+use crate::crypto::cell::{
+    mask_words, write_sum, BundleRef, ColumnCrypto, ColumnKind, MAX_BUNDLE_PARTS,
+};
 use crate::crypto::params::POLYNOMIAL_SIZE as N;
 
 /// Name of the fused aggregate, as plans show it.
@@ -59,6 +61,9 @@ struct HeSumFused {
 }
 
 fn accumulator_of(args: &AccumulatorArgs) -> Result<HeSumGroupsAccumulator> {
+    if args.expr_fields.len() > MAX_BUNDLE_PARTS {
+        return internal_err!("{HE_SUM_FUSED} takes at most {MAX_BUNDLE_PARTS} columns");
+    }
     let columns = args
         .expr_fields
         .iter()
@@ -165,7 +170,9 @@ impl ScalarUDFImpl for HeSumPart {
             ColumnarValue::Array(_) => part_index(None)?,
         };
         let bundles = args.args[0].to_array(args.number_rows)?;
-        let bundles = bundles.as_binary::<i64>();
+        let Some(bundles) = bundles.as_binary_opt::<i64>() else {
+            return internal_err!("{HE_SUM_PART} takes a bundle");
+        };
         let mut builder = LargeBinaryBuilder::new();
         let (mut mask, mut buffer) = (vec![0u64; N], Vec::new());
         for bytes in bundles.iter() {
@@ -231,7 +238,8 @@ mod tests {
             MeasureColumn::new("c", 0).with_precision(4),
         ];
         let encrypt = || {
-            let (schema, cells) = encrypt_batches(key, std::slice::from_ref(&batch), &measures).unwrap();
+            let (schema, cells) =
+                encrypt_batches(key, std::slice::from_ref(&batch), &measures).unwrap();
             let crypto = |i: usize| {
                 ColumnMarking::from_metadata(schema.field(i).metadata())
                     .unwrap()
@@ -281,9 +289,9 @@ mod tests {
             .unwrap()
     }
 
-    /// Fused sums, through partial states, row states and merges, under a FILTER, are byte for
-    /// byte the sums each column's own he_sum gives: shared masks where a row's cells share
-    /// one, own masks for NULLs and for the cells of another encryption.
+    /// Fused sums, through partial states, row states, merges and a partial emit, under a
+    /// FILTER, are byte for byte the sums each column's own he_sum gives: shared masks where a
+    /// row's cells share one, own masks for NULLs and for the cells of another encryption.
     #[test]
     fn fused_sums_equal_each_columns_own_sum() {
         let key = ClientKey::generate();
@@ -318,7 +326,10 @@ mod tests {
         let f = filter.slice(2 * cut, rows - 2 * cut);
         let row_states = b.convert_to_state(&slice(2 * cut..rows), Some(&f)).unwrap();
         b.merge_batch(&row_states, &groups[2 * cut..], 9).unwrap();
-        let bundles = b.evaluate(EmitTo::All).unwrap();
+        // Emitted in two steps, as a streaming aggregation would.
+        let first = b.evaluate(EmitTo::First(4)).unwrap();
+        let rest = b.evaluate(EmitTo::All).unwrap();
+        let bundles = arrow::compute::concat(&[first.as_ref(), rest.as_ref()]).unwrap();
 
         for (part, (crypto, cells)) in cols.iter().enumerate() {
             let mut own = HeSumGroupsAccumulator::new(vec![("x".into(), *crypto)]);

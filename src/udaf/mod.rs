@@ -2,7 +2,8 @@
 //!
 //! Input: a cell column (marked `hedf.kind = cell`). Output per group: a `LargeBinary` sum (see
 //! [`crate::crypto::cell`]) marked `hedf.kind = sum`, NULL when the group has no non-NULL value, exactly
-//! like SQL SUM. The partial state has the same layout; a single row's state is its tagged cell.
+//! like SQL SUM. The partial state has the same layout (a bundle for fused sums, see [`fused`]);
+//! a single row's state is its tagged cells.
 //! A group whose row count exceeds the column's budget is refused at evaluation.
 
 mod accumulator;

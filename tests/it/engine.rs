@@ -340,10 +340,82 @@ async fn sums_of_one_table_share_one_mask_sum_per_group() {
         all_values(&[decrypt_batch(key(), &shared).unwrap()]),
         all_values(&[decrypt_batch(key(), &sent[0]).unwrap()])
     );
+    // The fused columns are marked exactly as the same sum alone would be.
+    let alone = run(&ctx, "SELECT g, SUM(v) FROM t GROUP BY g ORDER BY g")
+        .await
+        .unwrap();
+    assert_eq!(
+        sent[0].schema().field(1).metadata(),
+        alone[0].schema().field(1).metadata()
+    );
+    assert_eq!(sent[0].schema().field(1).name(), "sum(t.v)");
+    // A volatile FILTER must be drawn per call: those sums are not fused.
+    let plan = run(
+        &ctx,
+        "EXPLAIN SELECT SUM(v) FILTER (WHERE random() < 0.5), SUM(w) FILTER (WHERE random() < 0.5) FROM t",
+    )
+    .await
+    .unwrap();
+    let plan = arrow::util::pretty::pretty_format_batches(&plan)
+        .unwrap()
+        .to_string();
+    assert!(!plan.contains("he_sum_fused"), "{plan}");
+
     // Without the carrier the sharing sum cannot be decrypted, and says why.
     let alone = shared.project(&[0, 2]).unwrap();
     let err = decrypt_batch(key(), &alone).unwrap_err().to_string();
     assert!(err.contains("keep the answer's columns together"), "{err}");
+}
+
+/// More encrypted sums than one bundle holds (255) fuse into several bundles, exactly.
+#[tokio::test]
+async fn three_hundred_sums_in_one_query_are_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(1, 64);
+    let columns = 300;
+    let mut fields: Vec<(String, ArrayRef)> = vec![(
+        "g".into(),
+        Arc::new(StringArray::from(vec!["a", "b", "a"])) as ArrayRef,
+    )];
+    for c in 0..columns {
+        let values = Int64Array::from(vec![Some(c as i64), Some(-7), Some(c as i64 * 3)]);
+        fields.push((format!("m{c}"), Arc::new(values)));
+    }
+    let batch = RecordBatch::try_from_iter(fields).unwrap();
+    let measures: Vec<MeasureColumn> = (0..columns)
+        .map(|c| MeasureColumn::new(format!("m{c}"), 0).with_precision(4))
+        .collect();
+    register(&ctx, dir.path(), "t", key(), &[batch], &measures);
+    let list = |f: &str| {
+        (0..columns)
+            .map(|c| format!("{f}(m{c})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let plan = run(
+        &ctx,
+        &format!("EXPLAIN SELECT g, {} FROM t GROUP BY g", list("SUM")),
+    )
+    .await
+    .unwrap();
+    let plan = arrow::util::pretty::pretty_format_batches(&plan)
+        .unwrap()
+        .to_string();
+    assert!(
+        plan.contains("__hedf_fused_1"),
+        "two bundles expected: {plan}"
+    );
+    let n = assert_same(
+        &ctx,
+        key(),
+        &format!("SELECT g, {} FROM t GROUP BY g ORDER BY g", list("SUM")),
+        &format!(
+            "SELECT g, {} FROM t_plain GROUP BY g ORDER BY g",
+            list("SUM")
+        ),
+    )
+    .await;
+    assert_eq!(n, 2);
 }
 
 #[test]

@@ -21,7 +21,8 @@ use arrow_flight::{FlightData, FlightDescriptor, HandshakeRequest};
 use futures::TryStreamExt;
 use hedf::cli::connection::Connection;
 use hedf::cli::remote::{table_options, ClientTls, Remote};
-use hedf::crypto::cell::{CellRef, ColumnMarking, SumRef};
+use hedf::crypto::answer::share_masks;
+use hedf::crypto::cell::{BundleRef, CellRef, ColumnMarking, SumRef};
 use hedf::crypto::client::decrypt_batch;
 use hedf::crypto::keys::ClientKey;
 use hedf::protocol::{IngestMode, UploadOptions};
@@ -109,6 +110,9 @@ fn answers() -> &'static Answers {
                 let sql = aggregation_sql("population", over, "he_sum").unwrap();
                 sums.extend(connection.query(&sql).await.unwrap().1);
             }
+            // The same answers as a server sends them: a row's shared mask sum sent once.
+            let shared: Vec<RecordBatch> = sums.iter().map(|b| share_masks(b).unwrap()).collect();
+            sums.extend(shared);
             let (_, cells) = connection
                 .query("SELECT * FROM population LIMIT 20")
                 .await
@@ -227,6 +231,7 @@ fn sums_and_cells_from_a_server() {
     runner(1000)
         .run(&prop::collection::vec(any::<u8>(), 0..200), |bytes| {
             let _ = SumRef::parse(&bytes);
+            let _ = BundleRef::parse(&bytes);
             let _ = CellRef::parse(&bytes, &crypto);
             Ok(())
         })

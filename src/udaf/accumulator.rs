@@ -262,6 +262,27 @@ impl Sums {
         let at = self.index[group] as usize * N;
         &mut self.pool[at..at + N]
     }
+
+    /// `group`'s sum, if it has one.
+    fn get(&self, group: usize) -> Option<&[u64]> {
+        let at = self.index[group];
+        (at != NONE).then(|| &self.pool[at as usize * N..(at as usize + 1) * N])
+    }
+
+    /// Forgets the first `groups` groups' sums; their space is zeroed for reuse, or given
+    /// back when no group is left.
+    fn release(&mut self, groups: usize) {
+        for at in self.index.drain(..groups) {
+            if at != NONE {
+                self.pool[at as usize * N..(at as usize + 1) * N].fill(0);
+                self.free.push(at);
+            }
+        }
+        if self.index.is_empty() {
+            self.pool = Vec::new();
+            self.free.clear();
+        }
+    }
 }
 
 /// Mask sums of any number of groups, fed row by row. Rows are collected per chunk and added
@@ -352,28 +373,6 @@ impl MaskSums {
         (adder.kernels.add)(self.sums.get_mut(group), &adder.words);
     }
 
-    /// The first `groups` groups' sums, forgotten here: N coefficients per group (zeros for a
-    /// group without a sum) and whether each group has one.
-    fn take(&mut self, groups: usize) -> (Vec<u64>, Vec<bool>) {
-        let mut out = vec![0; groups * N];
-        let mut present = vec![false; groups];
-        let Sums { index, pool, free } = &mut self.sums;
-        for (g, at) in index.drain(..groups).enumerate() {
-            if at != NONE {
-                let sum = &mut pool[at as usize * N..(at as usize + 1) * N];
-                out[g * N..(g + 1) * N].copy_from_slice(sum);
-                sum.fill(0);
-                free.push(at);
-                present[g] = true;
-            }
-        }
-        if index.is_empty() {
-            *pool = Vec::new();
-            free.clear();
-        }
-        (out, present)
-    }
-
     fn size(&self) -> usize {
         8 * (self.sums.pool.capacity() + self.keys.capacity())
             + 4 * (self.sums.index.capacity() + self.sums.free.capacity())
@@ -417,6 +416,11 @@ impl Part {
         }
         .into())
     }
+}
+
+/// `part`'s own mask sum of `group`, if it has one.
+fn own_sum(part: &Part, group: usize) -> Option<&[u64]> {
+    part.own.as_ref().and_then(|o| o.sums.get(group))
 }
 
 /// What an accumulator emits per group.
@@ -650,12 +654,10 @@ impl HeSumGroupsAccumulator {
             EmitTo::First(n) => n,
         };
         self.groups -= n;
-        let (shared, _) = self.shared.take(n);
         let mut taken = Vec::with_capacity(self.parts.len());
         for part in &mut self.parts {
             let counts = emit_to.take_needed(&mut part.counts);
             let bodies: Vec<u64> = part.bodies.drain(..n * part.limbs).collect();
-            let own = part.own.as_mut().map(|o| o.take(n));
             if check_budget {
                 let max_rows = part.crypto.spec.max_rows();
                 if let Some(&rows) = counts.iter().find(|&&c| c > max_rows) {
@@ -668,7 +670,7 @@ impl HeSumGroupsAccumulator {
                     .into());
                 }
             }
-            taken.push((counts, bodies, own));
+            taken.push((counts, bodies));
         }
         let value_len = match self.output {
             Output::Sum => self.parts[0].crypto.sum_len(),
@@ -676,26 +678,29 @@ impl HeSumGroupsAccumulator {
         };
         let mut builder = LargeBinaryBuilder::with_capacity(n, n * value_len);
         let mut buffer = Vec::with_capacity(value_len);
+        // Mask sums are read in place (no copy of every group's state) and released after.
+        let zeros = vec![0u64; N];
         let mut mask = vec![0u64; N];
+        let add = self.adder.kernels.add;
         for g in 0..n {
-            let masks = g * N..(g + 1) * N;
+            let shared = self.shared.sums.get(g).unwrap_or(&zeros);
             buffer.clear();
             match self.output {
                 Output::Sum => {
-                    let (part, (counts, bodies, own)) = (&self.parts[0], &taken[0]);
+                    let (part, (counts, bodies)) = (&self.parts[0], &taken[0]);
                     if counts[g] == 0 {
                         builder.append_null();
                         continue;
                     }
-                    mask.copy_from_slice(&shared[masks.clone()]);
-                    if let Some((own, true)) = own.as_ref().map(|(o, p)| (o, p[g])) {
-                        (self.adder.kernels.add)(&mut mask, &own[masks]);
+                    mask.copy_from_slice(shared);
+                    if let Some(own) = own_sum(part, g) {
+                        add(&mut mask, own);
                     }
                     let bodies = &bodies[g * part.limbs..(g + 1) * part.limbs];
                     write_sum(&part.crypto, counts[g], bodies, &mask, &mut buffer);
                 }
                 Output::Bundle => {
-                    if taken.iter().all(|(counts, _, _)| counts[g] == 0) {
+                    if taken.iter().all(|(counts, _)| counts[g] == 0) {
                         builder.append_null();
                         continue;
                     }
@@ -703,20 +708,21 @@ impl HeSumGroupsAccumulator {
                         .parts
                         .iter()
                         .zip(&taken)
-                        .map(|(part, (counts, bodies, own))| BundlePart {
+                        .map(|(part, (counts, bodies))| BundlePart {
                             crypto: &part.crypto,
                             count: counts[g],
                             bodies: &bodies[g * part.limbs..(g + 1) * part.limbs],
-                            own: own
-                                .as_ref()
-                                .filter(|(_, present)| present[g])
-                                .map(|(o, _)| &o[masks.clone()]),
+                            own: own_sum(part, g),
                         })
                         .collect();
-                    write_bundle(&parts, &shared[masks], &mut buffer);
+                    write_bundle(&parts, shared, &mut buffer);
                 }
             }
             builder.append_value(&buffer);
+        }
+        self.shared.sums.release(n);
+        for own in self.parts.iter_mut().filter_map(|p| p.own.as_mut()) {
+            own.sums.release(n);
         }
         Ok(Arc::new(builder.finish()))
     }

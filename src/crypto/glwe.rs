@@ -6,8 +6,9 @@
 //! under slot key `s`, all on one mask: body_s = mask * key_s + plaintext_s + noise_s (mod X^N + 1,
 //! mod 2^64), the common-mask GLWE of tfhe's `core_crypto::experimental`
 //! (`encrypt_cm_glwe_ciphertext`; see [`crate::crypto::slots`] for why sharing is sound). Every
-//! part comes from tfhe: the mask is the seeded AES-CTR stream that [`MaskGenerator`]
-//! regenerates with tfhe's own decompression; each body's noise is tfhe's Gaussian sampler on a
+//! part comes from tfhe: the mask is tfhe's seeded AES-CTR stream, which [`MaskGenerator`]
+//! reads from tfhe-csprng's block cipher exactly as tfhe's decompression would (tested equal);
+//! each body's noise is tfhe's Gaussian sampler on a
 //! `RandomGenerator` seeded by tfhe's seeder; the products use tfhe's FFT.
 //!
 //! tfhe's f64 FFT would lose the low bits of a 64-bit product (2^20 and more, against a delta of

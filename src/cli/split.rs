@@ -195,9 +195,10 @@ impl Cut {
                     if matches!(f.func.name(), "sum" | "avg")
                         && !f.params.distinct
                         && f.params.order_by.is_empty()
-                        && matches!(f.params.args.as_slice(), [Expr::Column(c)]
-                            if input.qualified_field_from_column(c)
-                                .is_ok_and(|(_, f)| f.metadata().contains_key(ENCRYPTED))) =>
+                        && matches!(f.params.args.as_slice(), [arg]
+                            if arg.column_refs().into_iter().any(|c| input
+                                .qualified_field_from_column(c)
+                                .is_ok_and(|(_, f)| f.metadata().contains_key(ENCRYPTED)))) =>
                 {
                     Some(f.clone())
                 }

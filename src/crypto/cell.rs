@@ -10,10 +10,15 @@
 //!   column and limb of a row shares that mask (common mask); each body is an LWE ciphertext
 //!   under its slot's key, decryptable on its own. On disk the engine keeps only the 8-byte
 //!   bodies per value; seeds and rows are kept once per table row (see `table::storage`).
+//! * A **weighted cell** is a cell times a public integer `w`, as `SUM(x * w)` sums it with `w`
+//!   a plaintext column or constant (see [`crate::udaf::weight`]): `cell | w i64`. It lives
+//!   only between the weighting and he_sum (never stored, never sent): he_sum adds `w` times
+//!   the cell's bodies and mask, which needs no key.
 //! * A **sum** is what `he_sum` returns per group (Arrow `LargeBinary`): `"HSUM" | version u8 |
 //!   header | count u64 | body u64 x limbs | mask u64 x N`: the limbs' bodies on one mask sum,
-//!   plus the row count, so the client can check the budget again before it trusts a
-//!   decryption.
+//!   plus the rows it holds, so the client can check the budget again before it trusts a
+//!   decryption. A value weighted by `w` counts as
+//!   [`weighted_rows`](crate::crypto::params::weighted_rows)`(w)` rows (see there).
 //! * A **mask-sharing sum** is a sum sent beside another sum of the same row whose mask sum is
 //!   the same bytes (two measures summed over the same rows share their rows' common masks):
 //!   `"HSRF" | version u8 | header | count u64 | body u64 x limbs | carrier u16 | check`, where
@@ -44,11 +49,16 @@ pub const META_LIMBS: &str = "hedf.limbs";
 pub const META_LIMB_BITS: &str = "hedf.limb_bits";
 pub const META_LOG2_DELTA: &str = "hedf.log2_delta";
 pub const META_SLOT: &str = "hedf.slot";
+/// Decimal places of the weights a weighted cell, or a sum of them, was multiplied by: the
+/// decrypted sum's scale is the column's plus this. Set by the server as it plans the
+/// weighting, so not covered by the tag.
+pub const META_WEIGHT_SCALE: &str = "hedf.weight_scale";
 pub const META_LAYOUT: &str = "hedf.layout";
 /// The key holder's tag over the column's public parameters (see [`ColumnMarking`]).
 pub const META_TAG: &str = "hedf.tag";
 pub const KIND_CELL: &str = "cell";
 pub const KIND_SUM: &str = "sum";
+pub const KIND_WEIGHTED: &str = "weighted";
 /// Version of the byte layouts described in this module. Version 2: common masks.
 pub const LAYOUT_VERSION: u8 = 2;
 
@@ -60,6 +70,7 @@ const CELL_BODIES_AT: usize = CELL_SEED_AT + SEED_BYTES;
 /// Bytes of one limb's body (an LWE body, u64) and of a row's mask seed (u128).
 pub const BODY_BYTES: usize = 8;
 pub const SEED_BYTES: usize = 16;
+const WEIGHT_BYTES: usize = 8;
 const SUM_MAGIC: &[u8; 4] = b"HSUM";
 const SUM_REF_MAGIC: &[u8; 4] = b"HSRF";
 const BUNDLE_MAGIC: &[u8; 4] = b"HBUN";
@@ -88,6 +99,10 @@ pub struct ColumnCrypto {
 impl ColumnCrypto {
     pub fn cell_width(&self) -> usize {
         cell_width(self.spec.limbs)
+    }
+
+    pub fn weighted_cell_width(&self) -> usize {
+        self.cell_width() + WEIGHT_BYTES
     }
 
     /// Bytes of one value's bodies, all limbs, as storage keeps them.
@@ -167,6 +182,8 @@ pub enum ColumnKind {
     Cell,
     /// One he_sum result per row (Arrow `LargeBinary`).
     Sum,
+    /// One weighted cell per row (Arrow `FixedSizeBinary`), only ever summed.
+    Weighted,
 }
 
 impl ColumnKind {
@@ -174,6 +191,7 @@ impl ColumnKind {
         match self {
             ColumnKind::Cell => KIND_CELL,
             ColumnKind::Sum => KIND_SUM,
+            ColumnKind::Weighted => KIND_WEIGHTED,
         }
     }
 }
@@ -188,6 +206,9 @@ pub struct ColumnMarking {
     pub kind: ColumnKind,
     pub crypto: ColumnCrypto,
     pub tag: [u8; 16],
+    /// Decimal places of the weights the values were multiplied by (0 when unweighted); see
+    /// [`META_WEIGHT_SCALE`].
+    pub weight_scale: u8,
 }
 
 impl ColumnMarking {
@@ -197,7 +218,13 @@ impl ColumnMarking {
             kind,
             crypto,
             tag: key.tag(&crypto.tag_message()),
+            weight_scale: 0,
         }
+    }
+
+    /// Decimal places of a decrypted value of this column: the column's plus its weights'.
+    pub fn value_scale(&self) -> i8 {
+        self.crypto.spec.scale + self.weight_scale as i8
     }
 
     /// The same column marked as another kind (he_sum turns cells into sums).
@@ -223,7 +250,7 @@ impl ColumnMarking {
     /// Field metadata for this marking.
     pub fn metadata(&self) -> HashMap<String, String> {
         let tag: String = self.tag.iter().map(|b| format!("{b:02x}")).collect();
-        HashMap::from([
+        let mut meta = HashMap::from([
             (META_KIND.to_string(), self.kind.as_str().to_string()),
             (META_KEY_ID.to_string(), self.crypto.key_id.to_string()),
             (META_PARAMS.to_string(), PARAMS_ID.to_string()),
@@ -240,7 +267,11 @@ impl ColumnMarking {
             (META_SLOT.to_string(), self.crypto.slot.to_string()),
             (META_LAYOUT.to_string(), LAYOUT_VERSION.to_string()),
             (META_TAG.to_string(), tag),
-        ])
+        ]);
+        if self.weight_scale != 0 {
+            meta.insert(META_WEIGHT_SCALE.into(), self.weight_scale.to_string());
+        }
+        meta
     }
 
     /// Reads field metadata; `Ok(None)` for a plaintext column, an error for a broken marking.
@@ -252,6 +283,7 @@ impl ColumnMarking {
         let kind = match kind.as_str() {
             KIND_CELL => ColumnKind::Cell,
             KIND_SUM => ColumnKind::Sum,
+            KIND_WEIGHTED => ColumnKind::Weighted,
             other => {
                 return Err(HedfError::Malformed(format!(
                     "unknown {META_KIND} {other:?} in field metadata"
@@ -302,9 +334,27 @@ impl ColumnMarking {
             .flatten()
             .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
             .ok_or_else(|| HedfError::Malformed(format!("bad {META_TAG} in field metadata")))?;
-        Ok(Some(ColumnMarking { kind, crypto, tag }))
+        let weight_scale = match meta.get(META_WEIGHT_SCALE) {
+            Some(v) => num(META_WEIGHT_SCALE, v)?,
+            None => 0,
+        };
+        if weight_scale > MAX_WEIGHT_SCALE {
+            return Err(HedfError::Malformed(format!(
+                "{META_WEIGHT_SCALE} {weight_scale} exceeds {MAX_WEIGHT_SCALE}"
+            )));
+        }
+        Ok(Some(ColumnMarking {
+            kind,
+            crypto,
+            tag,
+            weight_scale,
+        }))
     }
 }
+
+/// Most decimal places a weight may have: a column's scale (at most 18) plus this stays within
+/// Decimal128's 38.
+pub const MAX_WEIGHT_SCALE: u8 = 18;
 
 pub fn cell_width(limbs: u8) -> usize {
     CELL_BODIES_AT + BODY_BYTES * limbs as usize
@@ -335,6 +385,32 @@ pub fn write_cell(out: &mut [u8], crypto: &ColumnCrypto, row: u64, seed: u128, b
     {
         out.copy_from_slice(&body.to_le_bytes());
     }
+}
+
+/// Writes a weighted cell: `cell` (already checked) times `weight`.
+pub fn write_weighted_cell(out: &mut [u8], cell: &[u8], weight: i64) {
+    let (head, tail) = out.split_at_mut(cell.len());
+    head.copy_from_slice(cell);
+    tail.copy_from_slice(&weight.to_le_bytes());
+}
+
+/// A weighted cell's cell and weight, the cell checked against its column.
+pub fn parse_weighted_cell<'a>(
+    bytes: &'a [u8],
+    expect: &ColumnCrypto,
+) -> Result<(CellRef<'a>, i64)> {
+    if bytes.len() != expect.weighted_cell_width() {
+        return Err(HedfError::Malformed(format!(
+            "weighted cell has {} bytes, expected {}",
+            bytes.len(),
+            expect.weighted_cell_width()
+        )));
+    }
+    let (cell, weight) = bytes.split_at(expect.cell_width());
+    Ok((
+        CellRef::parse(cell, expect)?,
+        i64::from_le_bytes(weight.try_into().expect("8 bytes")),
+    ))
 }
 
 /// A borrowed, validated view of one cell.

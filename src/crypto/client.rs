@@ -570,8 +570,8 @@ impl CellDecryptor {
     }
 }
 
-/// Decrypts one hedf column (sums or cells, as `marking` says) into `Decimal128(38, scale)`,
-/// after checking that `key` made the marking.
+/// Decrypts one hedf column (sums or cells, as `marking` says) into `Decimal128(38, scale)`
+/// (the column's scale plus its weights'), after checking that `key` made the marking.
 fn decrypt_column(
     key: &ClientKey,
     name: &str,
@@ -612,6 +612,11 @@ fn decrypt_column(
                 })
                 .collect::<Result<_>>()?
         }
+        (ColumnKind::Weighted, _) => {
+            return Err(HedfError::Malformed(format!(
+                "column {name:?} holds weighted cells, which are only ever summed on the server"
+            )))
+        }
         (kind, t) => {
             return Err(HedfError::Malformed(format!(
                 "column {name:?} is marked {} but has type {t}",
@@ -619,7 +624,7 @@ fn decrypt_column(
             )))
         }
     };
-    Ok(values.with_precision_and_scale(38, crypto.spec.scale)?)
+    Ok(values.with_precision_and_scale(38, marking.value_scale())?)
 }
 
 /// Decrypts every hedf column of a result batch (sums and cells) into `Decimal128(38, scale)`;

@@ -56,6 +56,16 @@ pub fn max_rows(limb_bits: u32, log2_delta: u32) -> u64 {
     plaintext_room.min(noise_max_rows(log2_delta))
 }
 
+/// How many rows of a sum's budget one value weighted by the public integer `w` uses: `w^2`,
+/// at least 1. Both bounds of [`max_rows`] then hold for a weighted sum whose values use at
+/// most `max_rows` rows in all: its noise is the sum of `w * e`, of variance `sum w^2 * sd^2`,
+/// and its plaintext `|sum w * m| <= sum |w| * max|m| <= sum w^2 * max|m|` for integers `w`.
+/// Unweighted values (`w = 1`) count one row each.
+pub fn weighted_rows(w: i64) -> u64 {
+    let a = w.unsigned_abs();
+    a.saturating_mul(a).max(1)
+}
+
 /// The smallest scaling factor whose noise room holds sums of `rows` rows.
 pub fn log2_delta_for(rows: u64) -> Option<u32> {
     LOG2_DELTA_RANGE

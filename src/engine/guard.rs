@@ -5,20 +5,27 @@
 //! (`SUM`/`he_sum`) or counted; anything else is a planning error that says so. Two checks:
 //! [`CiphertextGuard`], an analyzer rule over the whole plan, and [`OperatorGuard`], which sees
 //! operators (`SUM(x) > 10`, `x - y`) as the SQL planner builds them, before DataFusion's type
-//! coercion fails on binary operands with a message about types.
+//! coercion fails on binary operands with a message about types. The one operator allowed is
+//! `x * w` with `w` plaintext, which [`OperatorGuard`] plans as `he_weight(x, w)` for `SUM` to
+//! sum (see [`crate::udaf::weight`]).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{plan_err, Column, DFSchema};
 use datafusion::config::ConfigOptions;
 use datafusion::error::Result;
-use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::expr::{AggregateFunction, ScalarFunction};
 use datafusion::logical_expr::planner::{ExprPlanner, PlannerResult, RawBinaryExpr};
-use datafusion::logical_expr::{Distinct, Expr, LogicalPlan};
+use datafusion::logical_expr::{Distinct, Expr, LogicalPlan, ScalarUDF};
 use datafusion::optimizer::AnalyzerRule;
+use datafusion::scalar::ScalarValue;
+use datafusion::sql::sqlparser::ast::BinaryOperator;
 
-use crate::crypto::cell::{KIND_SUM, META_KIND};
+use crate::crypto::cell::{KIND_CELL, KIND_SUM, MAX_WEIGHT_SCALE, META_KIND};
+use crate::crypto::encoding::parse_decimal;
+use crate::udaf::weight::{he_weight_udf, HE_WEIGHT};
 use crate::udaf::{HE_SUM, IN_A_CLIENT};
 
 #[derive(Debug, Default)]
@@ -38,9 +45,67 @@ impl AnalyzerRule for CiphertextGuard {
     }
 }
 
-/// Refuses a binary operator with an encrypted operand: a column or a sum.
-#[derive(Debug, Default)]
-pub struct OperatorGuard;
+/// Plans `x * w` (an encrypted column times a plaintext number) as `he_weight(x, w)`, and
+/// refuses any other binary operator with an encrypted operand: a column, a weighted column or
+/// a sum.
+#[derive(Debug)]
+pub struct OperatorGuard {
+    weight: Arc<ScalarUDF>,
+}
+
+impl Default for OperatorGuard {
+    fn default() -> Self {
+        OperatorGuard {
+            weight: Arc::new(he_weight_udf()),
+        }
+    }
+}
+
+impl OperatorGuard {
+    /// `x * w` as a weighting, when `x` is an encrypted column or already weighted (then the
+    /// weights multiply) and `w` is plaintext.
+    fn weighted(&self, x: &Expr, w: &Expr, schema: &DFSchema) -> Option<Expr> {
+        if is_encrypted_operand(w, schema) {
+            return None;
+        }
+        let w = exact_literal(w);
+        let (column, weight) = match x {
+            Expr::ScalarFunction(f) if f.func.name() == HE_WEIGHT => {
+                (f.args[0].clone(), f.args[1].clone() * w)
+            }
+            Expr::Column(c)
+                if schema.qualified_field_from_column(c).is_ok_and(|(_, f)| {
+                    f.metadata().get(META_KIND).is_some_and(|k| k == KIND_CELL)
+                }) =>
+            {
+                (x.clone(), w)
+            }
+            _ => return None,
+        };
+        Some(Expr::ScalarFunction(ScalarFunction::new_udf(
+            self.weight.clone(),
+            vec![column, weight],
+        )))
+    }
+}
+
+/// A float constant as the decimal it was written as (`0.05` is DataFusion's Float64, which
+/// cannot weight a ciphertext exactly); anything else as it is.
+fn exact_literal(e: &Expr) -> Expr {
+    if let Expr::Literal(ScalarValue::Float64(Some(v)), _) = e {
+        let text = v.to_string();
+        let scale = text.split_once('.').map_or(0, |(_, f)| f.len());
+        if scale <= MAX_WEIGHT_SCALE as usize {
+            if let Ok(unscaled) = parse_decimal(&text, scale as i8) {
+                return Expr::Literal(
+                    ScalarValue::Decimal128(Some(unscaled as i128), 38, scale as i8),
+                    None,
+                );
+            }
+        }
+    }
+    e.clone()
+}
 
 impl ExprPlanner for OperatorGuard {
     fn plan_binary_op(
@@ -48,6 +113,14 @@ impl ExprPlanner for OperatorGuard {
         expr: RawBinaryExpr,
         schema: &DFSchema,
     ) -> Result<PlannerResult<RawBinaryExpr>> {
+        if expr.op == BinaryOperator::Multiply {
+            let weighted = self
+                .weighted(&expr.left, &expr.right, schema)
+                .or_else(|| self.weighted(&expr.right, &expr.left, schema));
+            if let Some(weighted) = weighted {
+                return Ok(PlannerResult::Planned(weighted));
+            }
+        }
         let encrypted = [&expr.left, &expr.right]
             .into_iter()
             .find(|e| is_encrypted_operand(e, schema));
@@ -60,6 +133,10 @@ impl ExprPlanner for OperatorGuard {
                             f.metadata().get(META_KIND).is_some_and(|k| k == KIND_SUM)
                         }),
                     ),
+                    Expr::ScalarFunction(f) => match &f.args[0] {
+                        Expr::Column(c) => (c.name.clone(), false),
+                        other => (other.schema_name().to_string(), false),
+                    },
                     other => (other.schema_name().to_string(), true),
                 };
                 let hint = client_hint(sum);
@@ -87,12 +164,17 @@ fn is_encrypted_operand(e: &Expr, schema: &DFSchema) -> bool {
             .is_ok_and(|(_, f)| f.metadata().contains_key(META_KIND)),
         _ => false,
     };
+    let weighted = |e: &Expr| matches!(e, Expr::ScalarFunction(f) if f.func.name() == HE_WEIGHT);
     match e {
         Expr::AggregateFunction(f) => {
             // Only sums of ciphertext are ciphertext; COUNT(enc) is a plaintext count.
-            matches!(f.func.name(), "sum" | HE_SUM) && f.params.args.iter().any(encrypted_column)
+            matches!(f.func.name(), "sum" | HE_SUM)
+                && f.params
+                    .args
+                    .iter()
+                    .any(|a| encrypted_column(a) || weighted(a))
         }
-        other => encrypted_column(other),
+        other => encrypted_column(other) || weighted(other),
     }
 }
 
@@ -133,6 +215,9 @@ fn check_node(node: &LogicalPlan) -> Result<()> {
                 if let Expr::AggregateFunction(f) = e.clone().unalias_nested().data {
                     if let Some(filter) = &f.params.filter {
                         refuse_use(filter, &encrypted, "compared in a FILTER clause")?;
+                    }
+                    for (_, weight) in f.params.args.iter().filter_map(weighting) {
+                        refuse_use(weight, &encrypted, "used as a weight")?;
                     }
                 }
                 if !is_allowed_aggregate(e) {
@@ -216,12 +301,21 @@ fn is_allowed_aggregate(e: &Expr) -> bool {
             (name == HE_SUM || name == "sum" || name == "count")
                 && !params.distinct
                 && params.order_by.is_empty()
-                && params
-                    .args
-                    .iter()
-                    .all(|a| is_bare_column(a) || matches!(a, Expr::Literal(..)))
+                && params.args.iter().all(|a| {
+                    is_bare_column(a)
+                        || matches!(a, Expr::Literal(..))
+                        || weighting(a).is_some_and(|(x, _)| is_bare_column(x))
+                })
         }
         _ => false,
+    }
+}
+
+/// The column and weight of a weighting `he_weight(x, w)`.
+fn weighting(e: &Expr) -> Option<(&Expr, &Expr)> {
+    match e {
+        Expr::ScalarFunction(f) if f.func.name() == HE_WEIGHT => Some((&f.args[0], &f.args[1])),
+        _ => None,
     }
 }
 

@@ -64,7 +64,7 @@ fn context(builder: SessionStateBuilder) -> SessionContext {
     // Last, so it sees aggregations as the other rules left them (unused sums pruned).
     optimizer_rules.push(Arc::new(FuseHeSums::default()));
     let mut expr_planners = state.expr_planners().to_vec();
-    expr_planners.insert(0, Arc::new(OperatorGuard));
+    expr_planners.insert(0, Arc::new(OperatorGuard::default()));
     let state = SessionStateBuilder::new_from_existing(state)
         .with_analyzer_rules(analyzer_rules)
         .with_optimizer_rules(optimizer_rules)

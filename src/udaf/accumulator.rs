@@ -10,7 +10,14 @@
 //! positions `j0..=j1` of one group adds `R[N-1-j1+i] - R[N-j0+i]` to coefficient `i`: O(N) for the
 //! whole run, however long. Clustered data costs O(N) per chunk; scattered rows O(N) per row,
 //! with a chunk's rows sorted by (group, position) and each group's rows added 64 coefficients at a
-//! time, so its accumulator is read and written once per chunk.
+//! time, so its accumulator is read and written once per chunk. A group with many rows in a chunk
+//! (at least [`DENSE_WINDOWS`] runs and lone rows) takes its mask sum as one exact FFT product
+//! instead: the chunk's mask times the group's row polynomial (see [`Dense`]), a constant cost.
+//!
+//! A weighted column (`SUM(x * w)`, see [`crate::udaf::weight`]) adds `w` times each row's
+//! bodies and mask, always to its own sums. A group's rows in a chunk are sorted by (weight,
+//! position), each weight's rows (runs included) summed as above and multiplied once: O(N) per
+//! row plus O(N) per distinct weight (TPC-H Q6 has three).
 
 use std::sync::Arc;
 
@@ -22,11 +29,12 @@ use datafusion::error::Result;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 
 use crate::crypto::cell::{
-    mask_words, write_bundle, write_sum, BundlePart, BundleRef, CellRef, ColumnCrypto, SumRef,
-    MASK_BYTES,
+    mask_words, parse_weighted_cell, write_bundle, write_sum, BundlePart, BundleRef, CellRef,
+    ColumnCrypto, SumRef, MASK_BYTES,
 };
 use crate::crypto::mask::MaskGenerator;
-use crate::crypto::params::POLYNOMIAL_SIZE as N;
+use crate::crypto::params::{weighted_rows, POLYNOMIAL_SIZE as N};
+use crate::crypto::product::{MaskProduct, MAX_SMALL_L1};
 use crate::error::HedfError;
 
 /// State tag of one row's cells sent as partial state (cheap `convert_to_state`): then per
@@ -102,11 +110,52 @@ impl ChunkCache {
 const TILE: usize = 64;
 
 /// One group's rows in one chunk: lone rows as offsets into `ChunkTables::single`, runs as
-/// (hi, lo) offsets into `ChunkTables::prefix`.
+/// (hi, lo) offsets into `ChunkTables::prefix`. Weighted rows likewise, ordered by weight:
+/// `weights` holds each distinct weight with where its singles and runs end.
 #[derive(Default)]
 struct Windows {
     singles: Vec<usize>,
     runs: Vec<(usize, usize)>,
+    weights: Vec<(u64, usize, usize)>,
+    weighted_singles: Vec<usize>,
+    weighted_runs: Vec<(usize, usize)>,
+}
+
+impl Windows {
+    fn clear(&mut self) {
+        self.singles.clear();
+        self.runs.clear();
+        self.weights.clear();
+        self.weighted_singles.clear();
+        self.weighted_runs.clear();
+    }
+}
+
+/// Adds the windows `singles` and `runs` to `tile`, the coefficients from `base` on.
+#[inline(always)]
+fn add_tile(
+    tile: &mut [u64; TILE],
+    base: usize,
+    singles: &[usize],
+    runs: &[(usize, usize)],
+    single: &[u64],
+    prefix: &[u64],
+) {
+    for &o in singles {
+        let x = &single[o + base..o + base + TILE];
+        for i in 0..TILE {
+            tile[i] = tile[i].wrapping_add(x[i]);
+        }
+    }
+    for &(h, l) in runs {
+        let (hi, lo) = (
+            &prefix[h + base..h + base + TILE],
+            &prefix[l + base..l + base + TILE],
+        );
+        for i in 0..TILE {
+            tile[i] = tile[i].wrapping_add(hi[i].wrapping_sub(lo[i]));
+        }
+    }
 }
 
 /// Adds every window to `acc`, one tile at a time, so the accumulator is read and written once
@@ -117,20 +166,22 @@ fn add_windows_generic(acc: &mut [u64], w: &Windows, single: &[u64], prefix: &[u
         let base = t * TILE;
         let mut tile = [0u64; TILE];
         tile.copy_from_slice(out);
-        for &o in &w.singles {
-            let x = &single[o + base..o + base + TILE];
-            for i in 0..TILE {
-                tile[i] = tile[i].wrapping_add(x[i]);
-            }
-        }
-        for &(h, l) in &w.runs {
-            let (hi, lo) = (
-                &prefix[h + base..h + base + TILE],
-                &prefix[l + base..l + base + TILE],
+        add_tile(&mut tile, base, &w.singles, &w.runs, single, prefix);
+        let (mut singles, mut runs) = (0, 0);
+        for &(weight, singles_end, runs_end) in &w.weights {
+            let mut part = [0u64; TILE];
+            add_tile(
+                &mut part,
+                base,
+                &w.weighted_singles[singles..singles_end],
+                &w.weighted_runs[runs..runs_end],
+                single,
+                prefix,
             );
             for i in 0..TILE {
-                tile[i] = tile[i].wrapping_add(hi[i].wrapping_sub(lo[i]));
+                tile[i] = tile[i].wrapping_add(weight.wrapping_mul(part[i]));
             }
+            (singles, runs) = (singles_end, runs_end);
         }
         out.copy_from_slice(&tile);
     }
@@ -225,12 +276,98 @@ impl Kernels {
 
 /// Bits of a sort key that hold the slot; the group index takes the bits above.
 const SLOT_BITS: u32 = N.trailing_zeros();
+const SLOT_MASK: u64 = (1 << SLOT_BITS) - 1;
+
+/// Runs and lone rows of one group in one chunk from which [`Dense`] takes over: about the cost
+/// of its four FFTs against a window's N adds (measured with `cargo bench --bench engine`).
+const DENSE_WINDOWS: usize = 128;
+
+/// A group's mask sum in one chunk as one product. With `B[o]` the summed weight (1 unweighted)
+/// of the rows at offset `o` of `ChunkTables::single` (position `N - 1 - o`), the windows add
+/// `sum_o B[o] * single[o + i]` to coefficient `i`, which is coefficient `N - 1 - i` of the
+/// negacyclic product of the chunk's mask with `B`: exact through [`MaskProduct`] while the
+/// weights' absolute values sum to at most [`MAX_SMALL_L1`]. Costs four FFTs per group and
+/// chunk, plus three per chunk for the mask, whatever the group's row count.
+struct Dense {
+    product: MaskProduct,
+    /// The (seed, chunk) whose mask `product` holds.
+    mask: Option<(u128, u64)>,
+    /// Groups with fewer windows take the direct path.
+    min_windows: usize,
+    small: Vec<u64>,
+    out: Vec<u64>,
+}
+
+impl Dense {
+    /// Adds the windows' mask sum to `acc` as one product, when they are many and their
+    /// weights small enough for an exact product; `false` (nothing added) otherwise.
+    fn try_add(&mut self, acc: &mut [u64], w: &Windows, tables: &ChunkTables) -> bool {
+        let windows =
+            w.singles.len() + w.runs.len() + w.weighted_singles.len() + w.weighted_runs.len();
+        if windows < self.min_windows {
+            return false;
+        }
+        let rows = |singles: &[usize], runs: &[(usize, usize)]| -> u128 {
+            singles.len() as u128 + runs.iter().map(|&(h, l)| (l - h) as u128).sum::<u128>()
+        };
+        let mut l1 = rows(&w.singles, &w.runs);
+        let (mut singles, mut runs) = (0, 0);
+        for &(weight, singles_end, runs_end) in &w.weights {
+            let count = rows(
+                &w.weighted_singles[singles..singles_end],
+                &w.weighted_runs[runs..runs_end],
+            );
+            l1 += (weight as i64).unsigned_abs() as u128 * count;
+            (singles, runs) = (singles_end, runs_end);
+        }
+        if l1 > MAX_SMALL_L1 as u128 {
+            return false;
+        }
+        let small = &mut self.small;
+        small.fill(0);
+        let mut add = |singles: &[usize], runs: &[(usize, usize)], weight: u64| {
+            for &o in singles {
+                small[o] = small[o].wrapping_add(weight);
+            }
+            for &(h, l) in runs {
+                for b in &mut small[h..l] {
+                    *b = b.wrapping_add(weight);
+                }
+            }
+        };
+        add(&w.singles, &w.runs, 1);
+        let (mut singles, mut runs) = (0, 0);
+        for &(weight, singles_end, runs_end) in &w.weights {
+            add(
+                &w.weighted_singles[singles..singles_end],
+                &w.weighted_runs[runs..runs_end],
+                weight,
+            );
+            (singles, runs) = (singles_end, runs_end);
+        }
+        if self.mask != Some((tables.seed, tables.chunk)) {
+            // The mask is `single` reversed: single[N - 1 - t] = a[t].
+            for (t, a) in self.out.iter_mut().enumerate() {
+                *a = tables.single[N - 1 - t];
+            }
+            self.product.set_mask(&self.out);
+            self.mask = Some((tables.seed, tables.chunk));
+        }
+        self.out.fill(0);
+        self.product.add_product(&self.small, &mut self.out);
+        for (a, p) in acc.iter_mut().zip(self.out.iter().rev()) {
+            *a = a.wrapping_add(*p);
+        }
+        true
+    }
+}
 
 /// What adding masks needs besides the sums: chunk tables, kernels and scratch, shared by
 /// every [`MaskSums`] of one accumulator.
 struct Adder {
     chunks: ChunkCache,
     kernels: Kernels,
+    dense: Dense,
     /// Scratch: one group's windows in the chunk being added.
     windows: Windows,
     /// Scratch: one serialised mask sum, decoded.
@@ -292,6 +429,8 @@ struct MaskSums {
     sums: Sums,
     /// Sort keys (group << SLOT_BITS | position) of the pending rows of chunk `current`.
     keys: Vec<u64>,
+    /// The same for weighted rows, with their weights (two's complement).
+    weighted_keys: Vec<(u64, u64)>,
     current: Option<(u128, u64)>,
 }
 
@@ -309,13 +448,33 @@ impl MaskSums {
     /// Adds row `row` of the mask stream `seed` to `group`'s sum.
     #[inline]
     fn push(&mut self, adder: &mut Adder, group: usize, seed: u128, row: u64) {
+        let key = self.key(adder, group, seed, row);
+        self.keys.push(key);
+    }
+
+    /// Adds `weight` times row `row` of the mask stream `seed` to `group`'s sum.
+    #[inline]
+    fn push_weighted(
+        &mut self,
+        adder: &mut Adder,
+        group: usize,
+        seed: u128,
+        row: u64,
+        weight: i64,
+    ) {
+        let key = self.key(adder, group, seed, row);
+        self.weighted_keys.push((key, weight as u64));
+    }
+
+    /// The sort key of a row, after flushing the pending rows if it starts another chunk.
+    #[inline]
+    fn key(&mut self, adder: &mut Adder, group: usize, seed: u128, row: u64) -> u64 {
         let chunk = row / N as u64;
         if self.current != Some((seed, chunk)) {
             self.flush(adder);
             self.current = Some((seed, chunk));
         }
-        self.keys
-            .push(((group as u64) << SLOT_BITS) | (row % N as u64));
+        ((group as u64) << SLOT_BITS) | (row % N as u64)
     }
 
     /// Adds the pending rows. Sorting by (group, position) turns interleaved rows into runs
@@ -327,43 +486,79 @@ impl MaskSums {
         let Adder {
             chunks,
             kernels,
+            dense,
             windows,
             ..
         } = adder;
         self.keys.sort_unstable();
-        let slot_mask = (1u64 << SLOT_BITS) - 1;
+        self.weighted_keys
+            .sort_unstable_by_key(|&(key, weight)| (key >> SLOT_BITS, weight, key));
         let tables = chunks.get(seed, chunk);
         let mut i = 0;
         while i < self.keys.len() {
             let group = (self.keys[i] >> SLOT_BITS) as usize;
-            windows.singles.clear();
-            windows.runs.clear();
+            windows.clear();
             while i < self.keys.len() && (self.keys[i] >> SLOT_BITS) as usize == group {
                 let first = self.keys[i];
                 let mut last = first;
                 while i + 1 < self.keys.len()
                     && self.keys[i + 1] == last + 1
-                    && last & slot_mask != slot_mask
+                    && last & SLOT_MASK != SLOT_MASK
                 {
                     i += 1;
                     last += 1;
                 }
                 i += 1;
-                let (j0, j1) = ((first & slot_mask) as usize, (last & slot_mask) as usize);
+                let (j0, j1) = ((first & SLOT_MASK) as usize, (last & SLOT_MASK) as usize);
                 if j0 == j1 {
                     windows.singles.push(N - 1 - j0);
                 } else {
                     windows.runs.push((N - 1 - j1, N - j0));
                 }
             }
-            (kernels.add_windows)(
-                self.sums.get_mut(group),
-                windows,
-                &tables.single,
-                &tables.prefix,
-            );
+            let acc = self.sums.get_mut(group);
+            if !dense.try_add(acc, windows, tables) {
+                (kernels.add_windows)(acc, windows, &tables.single, &tables.prefix);
+            }
         }
         self.keys.clear();
+        let keys = &self.weighted_keys;
+        let mut i = 0;
+        while i < keys.len() {
+            let group = (keys[i].0 >> SLOT_BITS) as usize;
+            windows.clear();
+            while i < keys.len() && (keys[i].0 >> SLOT_BITS) as usize == group {
+                let weight = keys[i].1;
+                while i < keys.len()
+                    && (keys[i].0 >> SLOT_BITS) as usize == group
+                    && keys[i].1 == weight
+                {
+                    let first = keys[i].0;
+                    let mut last = first;
+                    while i + 1 < keys.len()
+                        && keys[i + 1] == (last + 1, weight)
+                        && last & SLOT_MASK != SLOT_MASK
+                    {
+                        i += 1;
+                        last += 1;
+                    }
+                    i += 1;
+                    let (j0, j1) = ((first & SLOT_MASK) as usize, (last & SLOT_MASK) as usize);
+                    if j0 == j1 {
+                        windows.weighted_singles.push(N - 1 - j0);
+                    } else {
+                        windows.weighted_runs.push((N - 1 - j1, N - j0));
+                    }
+                }
+                let ends = (windows.weighted_singles.len(), windows.weighted_runs.len());
+                windows.weights.push((weight, ends.0, ends.1));
+            }
+            let acc = self.sums.get_mut(group);
+            if !dense.try_add(acc, windows, tables) {
+                (kernels.add_windows)(acc, windows, &tables.single, &tables.prefix);
+            }
+        }
+        self.weighted_keys.clear();
     }
 
     /// Adds a serialised mask sum to `group`'s.
@@ -375,6 +570,7 @@ impl MaskSums {
 
     fn size(&self) -> usize {
         8 * (self.sums.pool.capacity() + self.keys.capacity())
+            + 16 * self.weighted_keys.capacity()
             + 4 * (self.sums.index.capacity() + self.sums.free.capacity())
     }
 }
@@ -384,6 +580,8 @@ impl MaskSums {
 struct Part {
     column: String,
     crypto: ColumnCrypto,
+    /// Takes weighted cells (`x * w`); its rows always go to its own sums.
+    weighted: bool,
     limbs: usize,
     counts: Vec<u64>,
     bodies: Vec<u64>,
@@ -391,6 +589,34 @@ struct Part {
 }
 
 impl Part {
+    /// Width of one of this part's input cells.
+    fn cell_width(&self) -> usize {
+        if self.weighted {
+            self.crypto.weighted_cell_width()
+        } else {
+            self.crypto.cell_width()
+        }
+    }
+
+    /// One input cell and its weight (1 when unweighted).
+    fn parse<'a>(&self, bytes: &'a [u8]) -> Result<(CellRef<'a>, i64)> {
+        Ok(if self.weighted {
+            parse_weighted_cell(bytes, &self.crypto)?
+        } else {
+            (CellRef::parse(bytes, &self.crypto)?, 1)
+        })
+    }
+
+    /// Why this part's budget is what it is.
+    fn budget_reason(&self) -> String {
+        let reason = self.crypto.spec.budget_reason();
+        if self.weighted {
+            format!("{reason}; a value weighted by w counts as w^2 rows")
+        } else {
+            reason
+        }
+    }
+
     fn add_bodies(&mut self, group: usize, body: impl Fn(usize) -> u64) {
         for limb in 0..self.limbs {
             let b = &mut self.bodies[group * self.limbs + limb];
@@ -468,6 +694,7 @@ impl HeSumGroupsAccumulator {
                 column,
                 limbs: crypto.spec.limbs as usize,
                 crypto,
+                weighted: false,
                 counts: Vec::new(),
                 bodies: Vec::new(),
                 own: None,
@@ -481,10 +708,24 @@ impl HeSumGroupsAccumulator {
             adder: Adder {
                 chunks: ChunkCache::new(),
                 kernels: Kernels::detect(),
+                dense: Dense {
+                    product: MaskProduct::default(),
+                    mask: None,
+                    min_windows: DENSE_WINDOWS,
+                    small: vec![0; N],
+                    out: vec![0; N],
+                },
                 windows: Windows::default(),
                 words: Vec::with_capacity(N),
             },
         }
+    }
+
+    /// An accumulator of one weighted column (name, crypto), which emits sums.
+    pub fn weighted(column: (String, ColumnCrypto)) -> Self {
+        let mut acc = Self::new(vec![column]);
+        acc.parts[0].weighted = true;
+        acc
     }
 
     /// Makes room for `groups` groups (new ones start empty).
@@ -500,18 +741,24 @@ impl HeSumGroupsAccumulator {
         }
     }
 
-    /// Adds one row's cells (`None` for NULL), one per part, to `group`.
+    /// Adds one row's cells and weights (`None` for NULL), one per part, to `group`.
     #[inline]
-    fn add_row(&mut self, group: usize, cells: &[Option<CellRef<'_>>]) {
+    fn add_row(&mut self, group: usize, cells: &[Option<(CellRef<'_>, i64)>]) {
         let mut lead = None;
         let mut shared = true;
         for (part, cell) in self.parts.iter_mut().zip(cells) {
-            let Some(cell) = cell else {
+            let Some((cell, weight)) = cell else {
                 shared = false;
                 continue;
             };
-            part.counts[group] += 1;
-            part.add_bodies(group, |limb| cell.body(limb));
+            part.counts[group] = part.counts[group].saturating_add(weighted_rows(*weight));
+            if part.weighted {
+                shared = false;
+                let w = *weight as u64;
+                part.add_bodies(group, |limb| w.wrapping_mul(cell.body(limb)));
+            } else {
+                part.add_bodies(group, |limb| cell.body(limb));
+            }
             let mask = (cell.seed(), cell.row());
             match lead {
                 None => lead = Some(mask),
@@ -526,11 +773,16 @@ impl HeSumGroupsAccumulator {
             return;
         }
         for (part, cell) in self.parts.iter_mut().zip(cells) {
-            if let Some(cell) = cell {
+            if let Some((cell, weight)) = cell {
                 let groups = self.groups;
-                part.own
-                    .get_or_insert_with(|| MaskSums::with_groups(groups))
-                    .push(&mut self.adder, group, cell.seed(), cell.row());
+                let own = part
+                    .own
+                    .get_or_insert_with(|| MaskSums::with_groups(groups));
+                if part.weighted {
+                    own.push_weighted(&mut self.adder, group, cell.seed(), cell.row(), *weight);
+                } else {
+                    own.push(&mut self.adder, group, cell.seed(), cell.row());
+                }
             }
         }
     }
@@ -549,7 +801,7 @@ impl HeSumGroupsAccumulator {
             .zip(values)
             .map(|(part, v)| {
                 let array = v.as_fixed_size_binary();
-                let width = part.crypto.cell_width();
+                let width = part.cell_width();
                 if array.value_length() as usize != width {
                     return Err(HedfError::Malformed(format!(
                         "he_sum({}) got {}-byte cells, expected {width}",
@@ -581,7 +833,7 @@ impl HeSumGroupsAccumulator {
                 cells.push(if array.is_null(i) {
                     None
                 } else {
-                    Some(CellRef::parse(array.value(i), &part.crypto)?)
+                    Some(part.parse(array.value(i))?)
                 });
             }
             self.add_row(group, &cells);
@@ -602,11 +854,11 @@ impl HeSumGroupsAccumulator {
                     rest = tail;
                     continue;
                 }
-                let width = part.crypto.cell_width();
+                let width = part.cell_width();
                 if tail.len() < width {
                     return Err(malformed().into());
                 }
-                cells.push(Some(CellRef::parse(&tail[..width], &part.crypto)?));
+                cells.push(Some(part.parse(&tail[..width])?));
                 rest = &tail[width..];
             }
             if !rest.is_empty() {
@@ -620,7 +872,7 @@ impl HeSumGroupsAccumulator {
                 let sum = SumRef::parse(bytes)?;
                 let part = &mut self.parts[0];
                 part.check_state(&sum.crypto)?;
-                part.counts[group] += sum.count;
+                part.counts[group] = part.counts[group].saturating_add(sum.count);
                 part.add_bodies(group, |limb| sum.body(limb));
                 self.shared.add(&mut self.adder, group, sum.inline_mask()?);
             }
@@ -631,7 +883,7 @@ impl HeSumGroupsAccumulator {
                 }
                 for (part, state) in self.parts.iter_mut().zip(&bundle.parts) {
                     part.check_state(&state.crypto)?;
-                    part.counts[group] += state.count;
+                    part.counts[group] = part.counts[group].saturating_add(state.count);
                     part.add_bodies(group, |limb| state.body(limb));
                     if let Some(own) = state.own {
                         let groups = self.groups;
@@ -665,7 +917,7 @@ impl HeSumGroupsAccumulator {
                         column: part.column.clone(),
                         rows,
                         max_rows,
-                        why: part.crypto.spec.budget_reason(),
+                        why: part.budget_reason(),
                     }
                     .into());
                 }
@@ -866,6 +1118,141 @@ mod tests {
         }
     }
 
+    /// A weighted column's sums equal `sum w * body` and `sum w * mask` over tfhe's extracted
+    /// samples, with runs of equal weights (taken as windows), lone rows, negative, zero and
+    /// huge weights, and its count is the rows its weights use (saturating, then refused).
+    #[test]
+    fn weighted_sums_equal_the_naive_weighted_sums_of_extracted_samples() {
+        let key = ClientKey::generate();
+        let rows = N + 500;
+        let (crypto, cells) = encrypted_zeros(&key, rows);
+        let fixed = cells.as_fixed_size_binary();
+        let mut rng = RandomGenerator::<DefaultRandomGenerator>::new(new_seeder().seed());
+        let choices = [-3i64, 0, 1, 2, 7, -1 << 40];
+        let (mut groups, mut weights) = (Vec::new(), Vec::new());
+        while groups.len() < rows {
+            let group = (rng.random_uniform::<u64>() % 5) as usize;
+            let weight = choices[(rng.random_uniform::<u64>() % 6) as usize];
+            let run = (1 + (rng.random_uniform::<u64>() % 30) as usize).min(rows - groups.len());
+            groups.extend(std::iter::repeat_n(group, run));
+            weights.extend(std::iter::repeat_n(weight, run));
+        }
+        let weighted = weighted_cells(&crypto, fixed, &weights);
+        let mut acc = HeSumGroupsAccumulator::weighted(("v".into(), crypto));
+        acc.update_batch(&[weighted], &groups, None, 6).unwrap();
+        let (mut mask, mut body, mut count) = (vec![vec![0u64; N]; 6], [0u64; 6], [0u64; 6]);
+        let mut masks = MaskGenerator::default();
+        for (i, (&g, &w)) in groups.iter().zip(&weights).enumerate() {
+            let cell = CellRef::parse(fixed.value(i), &crypto).unwrap();
+            for (n, m) in
+                mask[g]
+                    .iter_mut()
+                    .zip(extracted_mask(&mut masks, cell.seed(), cell.row()))
+            {
+                *n = n.wrapping_add((w as u64).wrapping_mul(m));
+            }
+            body[g] = body[g].wrapping_add((w as u64).wrapping_mul(cell.body(0)));
+            let rows = (w.unsigned_abs() as u128).pow(2).clamp(1, u64::MAX as u128);
+            count[g] = count[g].saturating_add(rows as u64);
+        }
+        let states = acc.state(EmitTo::All).unwrap().remove(0);
+        let states = states.as_binary::<i64>();
+        for g in 0..6 {
+            if !groups.contains(&g) {
+                assert!(states.is_null(g));
+                continue;
+            }
+            let sum = SumRef::parse(states.value(g)).unwrap();
+            assert_eq!((sum.count, sum.body(0)), (count[g], body[g]), "group {g}");
+            assert_eq!(
+                mask_words(sum.inline_mask().unwrap()).collect::<Vec<_>>(),
+                mask[g],
+                "group {g}"
+            );
+        }
+        // A group of weight 2^40 uses 2^80 rows: over any budget, refused when evaluated.
+        let mut acc = HeSumGroupsAccumulator::weighted(("v".into(), crypto));
+        let one = weighted_cells(&crypto, &fixed.slice(0, 1), &[1 << 40]);
+        acc.update_batch(&[one], &[0], None, 1).unwrap();
+        let err = acc.evaluate(EmitTo::All).unwrap_err().to_string();
+        assert!(err.contains("counts as w^2 rows"), "{err}");
+    }
+
+    /// `cells` each weighted by its weight.
+    fn weighted_cells(
+        crypto: &ColumnCrypto,
+        cells: &FixedSizeBinaryArray,
+        weights: &[i64],
+    ) -> ArrayRef {
+        use crate::crypto::cell::write_weighted_cell;
+        let width = crypto.weighted_cell_width();
+        let mut builder = arrow::array::FixedSizeBinaryBuilder::new(width as i32);
+        let mut buffer = vec![0u8; width];
+        for (i, &w) in weights.iter().enumerate() {
+            write_weighted_cell(&mut buffer, cells.value(i), w);
+            builder.append_value(&buffer).unwrap();
+        }
+        Arc::new(builder.finish())
+    }
+
+    /// The dense path (a group's mask sum in a chunk as one FFT product) gives the direct
+    /// path's sums bit for bit: three groups with lone rows, runs and repeated rows, unweighted
+    /// and weighted, with weights small enough for a product and (in some chunks) too large,
+    /// where it must fall back.
+    #[test]
+    fn dense_groups_sum_exactly_as_the_direct_path() {
+        let key = ClientKey::generate();
+        let rows = 2 * N + 100;
+        let (crypto, cells) = encrypted_zeros(&key, rows);
+        let fixed = cells.as_fixed_size_binary();
+        let mut rng = RandomGenerator::<DefaultRandomGenerator>::new(new_seeder().seed());
+        let mut random = |n: u64| rng.random_uniform::<u64>() % n;
+        // Row i, or its predecessor again (a join's repeated row); runs where group repeats.
+        let order: Vec<u32> = (0..rows as u32)
+            .map(|i| if i > 0 && random(10) == 0 { i - 1 } else { i })
+            .collect();
+        let take: ArrayRef = Arc::new(arrow::array::UInt32Array::from(order));
+        let cells = arrow::compute::take(fixed, &take, None).unwrap();
+        let fixed = cells.as_fixed_size_binary();
+        let groups: Vec<usize> = (0..rows)
+            .map(|i| if i % 50 < 10 { 2 } else { random(3) as usize })
+            .collect();
+        let small: Vec<i64> = (0..rows)
+            .map(|_| [-3, 1, 2, 7][random(4) as usize])
+            .collect();
+        let large: Vec<i64> = (0..rows)
+            .map(|i| {
+                if i > N && random(100) == 0 {
+                    1 << 20
+                } else {
+                    5
+                }
+            })
+            .collect();
+        let state = |acc: &mut HeSumGroupsAccumulator, values: &ArrayRef, min_windows: usize| {
+            acc.adder.dense.min_windows = min_windows;
+            acc.update_batch(std::slice::from_ref(values), &groups, None, 3)
+                .unwrap();
+            let states = acc.state(EmitTo::All).unwrap().remove(0);
+            (0..3)
+                .map(|g| states.as_binary::<i64>().value(g).to_vec())
+                .collect::<Vec<_>>()
+        };
+        let plain = || HeSumGroupsAccumulator::new(vec![("v".into(), crypto)]);
+        let weighted = || HeSumGroupsAccumulator::weighted(("v".into(), crypto));
+        assert_eq!(
+            state(&mut plain(), &cells, 0),
+            state(&mut plain(), &cells, usize::MAX)
+        );
+        for weights in [small, large] {
+            let values = weighted_cells(&crypto, fixed, &weights);
+            assert_eq!(
+                state(&mut weighted(), &values, 0),
+                state(&mut weighted(), &values, usize::MAX)
+            );
+        }
+    }
+
     /// Every kernel level this CPU has gives the generic kernel's results, bit for bit.
     #[test]
     fn every_kernel_level_gives_identical_results() {
@@ -875,6 +1262,9 @@ mod tests {
         let windows = Windows {
             singles: vec![0, 17, N - 1],
             runs: vec![(5, 900), (0, N), (N - 3, N)],
+            weights: vec![(5, 1, 1), (u64::MAX, 3, 1), (1 << 40, 3, 2)],
+            weighted_singles: vec![3, N - 1, 11],
+            weighted_runs: vec![(7, 800), (0, N)],
         };
         let levels = Kernels::available();
         assert_eq!(levels.last().unwrap().name, "generic");
@@ -885,6 +1275,28 @@ mod tests {
             acc
         };
         let reference = run(&Kernels::GENERIC);
+        // The generic kernel against the windows' definition, coefficient by coefficient.
+        let mut naive = start.clone();
+        for i in 0..N {
+            let run = |h: usize, l: usize| prefix[h + i].wrapping_sub(prefix[l + i]);
+            let mut v = naive[i].wrapping_add(x[i]);
+            v = windows
+                .singles
+                .iter()
+                .fold(v, |v, &o| v.wrapping_add(single[o + i]));
+            v = windows
+                .runs
+                .iter()
+                .fold(v, |v, &(h, l)| v.wrapping_add(run(h, l)));
+            for (w, o) in [(5, 3), (u64::MAX, N - 1), (u64::MAX, 11)] {
+                v = v.wrapping_add(w.wrapping_mul(single[o + i]));
+            }
+            for (w, (h, l)) in [(5u64, (7, 800)), (1 << 40, (0, N))] {
+                v = v.wrapping_add(w.wrapping_mul(run(h, l)));
+            }
+            naive[i] = v;
+        }
+        assert_eq!(reference, naive);
         for level in &levels {
             assert_eq!(run(level), reference, "{}", level.name);
         }

@@ -67,7 +67,10 @@ fn accumulator_of(args: &AccumulatorArgs) -> Result<HeSumGroupsAccumulator> {
     let columns = args
         .expr_fields
         .iter()
-        .map(|f| Ok((f.name().clone(), argument_marking(f)?.crypto)))
+        .map(|f| match argument_marking(f)? {
+            m if m.kind == ColumnKind::Cell => Ok((f.name().clone(), m.crypto)),
+            _ => internal_err!("{HE_SUM_FUSED} sums unweighted cells only"),
+        })
         .collect::<Result<Vec<(String, ColumnCrypto)>>>()?;
     Ok(HeSumGroupsAccumulator::new(columns))
 }

@@ -1,6 +1,7 @@
 //! `he_sum`: SQL SUM over encrypted cells, computed without any key.
 //!
-//! Input: a cell column (marked `hedf.kind = cell`). Output per group: a `LargeBinary` sum (see
+//! Input: a cell column (marked `hedf.kind = cell`), or a weighted one (`x * w`, see
+//! [`weight`]). Output per group: a `LargeBinary` sum (see
 //! [`crate::crypto::cell`]) marked `hedf.kind = sum`, NULL when the group has no non-NULL value, exactly
 //! like SQL SUM. The partial state has the same layout (a bundle for fused sums, see [`fused`]);
 //! a single row's state is its tagged cells.
@@ -9,6 +10,7 @@
 mod accumulator;
 pub mod builtin;
 pub mod fused;
+pub mod weight;
 
 use std::sync::Arc;
 
@@ -56,7 +58,7 @@ pub(crate) fn argument_marking(field: &Field) -> Result<ColumnMarking> {
         );
     }
     match ColumnMarking::from_metadata(field.metadata())? {
-        Some(marking) if marking.kind == ColumnKind::Cell => Ok(marking),
+        Some(marking) if marking.kind != ColumnKind::Sum => Ok(marking),
         Some(_) => plan_err!(
             "{} is already a sum: SUM and he_sum take an encrypted column; sums of sums are \
              computed on the client after decrypting",
@@ -117,10 +119,12 @@ impl AggregateUDFImpl for HeSum {
 
 fn new_accumulator(args: &AccumulatorArgs) -> Result<HeSumGroupsAccumulator> {
     let field = &args.expr_fields[0];
-    Ok(HeSumGroupsAccumulator::new(vec![(
-        field.name().clone(),
-        argument_marking(field)?.crypto,
-    )]))
+    let marking = argument_marking(field)?;
+    let column = (field.name().clone(), marking.crypto);
+    Ok(match marking.kind {
+        ColumnKind::Weighted => HeSumGroupsAccumulator::weighted(column),
+        _ => HeSumGroupsAccumulator::new(vec![column]),
+    })
 }
 
 /// he_sum (or fused he_sums) without GROUP BY: the group accumulator with one group.

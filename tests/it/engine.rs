@@ -166,6 +166,17 @@ proptest! {
                 "SELECT g, SUM(v) FILTER (WHERE k % 3 = 0), SUM(w) FILTER (WHERE k % 3 = 0), \
                  SUM(v), SUM(w) FILTER (WHERE k % 2 = 1), COUNT(w), SUM(w) FROM t_plain GROUP BY g ORDER BY g",
             ).await;
+            // Sums weighted by plaintext columns and constants (float constants as written).
+            assert_same(
+                &ctx,
+                key(),
+                "SELECT g, SUM(v * k), he_sum(2 * w), SUM(w * (k % 5) * -3), \
+                 SUM(v * CAST(k % 7 - 3 AS DECIMAL(5, 2))) FILTER (WHERE k % 2 = 0), \
+                 SUM(v * 0.25), SUM(v) FROM t GROUP BY g ORDER BY g",
+                "SELECT g, SUM(v * k), SUM(2 * w), SUM(w * (k % 5) * -3), \
+                 SUM(v * CAST(k % 7 - 3 AS DECIMAL(5, 2))) FILTER (WHERE k % 2 = 0), \
+                 SUM(v * CAST(0.25 AS DECIMAL(3, 2))), SUM(v) FROM t_plain GROUP BY g ORDER BY g",
+            ).await;
             assert_same(
                 &ctx,
                 key(),
@@ -247,6 +258,60 @@ async fn skip_partial_aggregation_path_is_exact() {
         &measures(1),
     );
     assert_eq!(assert_same(&ctx, key(), SUM_BY_G.0, SUM_BY_G.1).await, 1000);
+    assert_same(
+        &ctx,
+        key(),
+        "SELECT g, SUM(v * (k % 9 - 4)), SUM(w) FROM t GROUP BY g ORDER BY g",
+        "SELECT g, SUM(v * (k % 9 - 4)), SUM(w) FROM t_plain GROUP BY g ORDER BY g",
+    )
+    .await;
+}
+
+/// A value weighted by w carries the noise of w^2 rows: one row of a table declared for 2^31
+/// rows per sum, weighted by the largest w with w^2 within its budget, has the noise of a
+/// 2^31-row sum and decrypts exactly (at the column's largest values, both signs); w + 1 is
+/// refused by the engine, naming the weights.
+#[tokio::test]
+async fn a_weighted_sum_with_the_noise_of_2_pow_31_rows_is_exact_and_one_more_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(1, 16);
+    let max = 10i128.pow(18) - 1;
+    let batch = table(
+        vec!["a".into(), "b".into()],
+        vec![Some(max), Some(-max)],
+        vec![None, None],
+        2,
+    );
+    let measures = [MeasureColumn::new("v", 2)
+        .with_precision(18)
+        .with_max_rows_per_sum(1 << 31)];
+    register(&ctx, dir.path(), "t", key(), &[batch], &measures);
+    let sums = run(&ctx, "SELECT he_sum(v) FROM t").await.unwrap();
+    let crypto = ColumnMarking::from_metadata(sums[0].schema().field(0).metadata())
+        .unwrap()
+        .unwrap()
+        .crypto;
+    let budget = crypto.spec.max_rows();
+    assert!(budget >= 1 << 31, "{budget}");
+    let w = budget.isqrt();
+    assert_same(
+        &ctx,
+        key(),
+        &format!("SELECT g, SUM(v * {w}) FROM t GROUP BY g ORDER BY g"),
+        &format!("SELECT g, SUM(v * {w}) FROM t_plain GROUP BY g ORDER BY g"),
+    )
+    .await;
+    let err = run(
+        &ctx,
+        &format!("SELECT SUM(v * {}) FROM t GROUP BY g", w + 1),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("budget exceeded") && err.contains("counts as w^2 rows"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -501,6 +566,36 @@ async fn ciphertext_misuse_is_refused_at_planning() {
             "encrypted",
         ),
         ("SELECT (SELECT MAX(v) FROM t) AS m", "aggregated with"),
+        ("SELECT v * 2 FROM t", "computed on"),
+        (
+            "SELECT SUM(v * w) FROM t",
+            "v is encrypted: `*` needs its plaintext",
+        ),
+        (
+            "SELECT SUM(v / 2) FROM t",
+            "v is encrypted: `/` needs its plaintext",
+        ),
+        (
+            "SELECT SUM(v * k + 1) FROM t",
+            "v is encrypted: `+` needs its plaintext",
+        ),
+        (
+            "SELECT SUM(v * CAST(w AS BIGINT)) FROM t",
+            "w is encrypted and cannot be used as a weight",
+        ),
+        (
+            "SELECT SUM(v * CAST(k AS DOUBLE)) FROM t",
+            "can only be multiplied by an exact number",
+        ),
+        (
+            "SELECT COUNT(*) FROM t WHERE v * 2 > 0",
+            "v is encrypted: `>` needs its plaintext",
+        ),
+        (
+            "SELECT SUM(v * k) * 2 FROM t",
+            "is encrypted: `*` needs its plaintext",
+        ),
+        ("SELECT SUM(he_sum(v) * 2) FROM t", "is encrypted"),
     ];
     // Refused while planning: the physical plan is never built, nothing runs.
     for (sql, message) in refused {

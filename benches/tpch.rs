@@ -9,6 +9,8 @@
 //! (`cargo install tpchgen-cli`) and must be on PATH unless `$HEDF_TPCH_DIR/sf$SF` already
 //! holds `lineitem.parquet`.
 //!
+//! Each measure gets the limbs its largest value needs (as `hedf encrypt` does when no
+//! precision is declared); the bench also prints what the declared DECIMAL(15, 2) would cost.
 //! Two encrypted tables of lineitem's rows: `q1` with l_quantity, l_extendedprice,
 //! l_discount and l_tax encrypted (Q1 sums all four), and `q6` with only l_extendedprice
 //! encrypted, since Q6 filters on l_discount and l_quantity and weights by l_discount.
@@ -25,8 +27,10 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::DataType;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 use hedf::crypto::answer::share_masks;
-use hedf::crypto::client::{decrypt_batch, Encryptor, MeasureColumn};
+use hedf::crypto::client::{decrypt_batch, infer_precisions, Encryptor, MeasureColumn};
+use hedf::crypto::encoding::MeasureSpec;
 use hedf::crypto::keys::ClientKey;
+use hedf::crypto::params::DEFAULT_MAX_ROWS_PER_SUM;
 use hedf::table::EncryptedTable;
 use parquet::arrow::ArrowWriter;
 
@@ -116,17 +120,39 @@ async fn read(plain: &SessionContext, columns: &[&str]) -> Vec<RecordBatch> {
         .unwrap()
 }
 
-/// Encrypts `measures` of `batches` into an encrypted table in `dir`, each at its declared
-/// decimal precision and hedf's default rows per sum; prints time, bytes and limbs.
+/// Encrypts `measures` of `batches` into an encrypted table in `dir` at hedf's default rows per
+/// sum, each column's limbs chosen from its largest value (as `hedf encrypt` does unless told a
+/// precision); prints time and, per column, the limbs against those of its declared precision.
 fn encrypt(key: &ClientKey, batches: &[RecordBatch], measures: &[&str], dir: &Path) {
     let schema = batches[0].schema();
-    let columns: Vec<MeasureColumn> = measures
+    let declared: Vec<(i8, u8)> = measures
         .iter()
         .map(|m| match schema.field_with_name(m).unwrap().data_type() {
-            DataType::Decimal128(p, s) => MeasureColumn::new(*m, *s).with_precision(*p),
+            DataType::Decimal128(p, s) => (*s, *p),
             other => panic!("{m} is {other}, expected a decimal"),
         })
         .collect();
+    let undeclared: Vec<MeasureColumn> = measures
+        .iter()
+        .zip(&declared)
+        .map(|(m, (s, _))| MeasureColumn::new(*m, *s))
+        .collect();
+    let columns = infer_precisions(&schema, &undeclared, batches.iter().cloned().map(Ok)).unwrap();
+    for (c, (s, p)) in columns.iter().zip(&declared) {
+        let limbs = |p| {
+            MeasureSpec::for_precision(p, *s, DEFAULT_MAX_ROWS_PER_SUM)
+                .unwrap()
+                .limbs
+        };
+        println!(
+            "  {}: largest value has {} digits: {} limb(s), {} B/value (DECIMAL({p}, {s}) declared: {} limbs)",
+            c.name,
+            c.precision.unwrap(),
+            limbs(c.precision.unwrap()),
+            8 * limbs(c.precision.unwrap()) as usize,
+            limbs(*p)
+        );
+    }
     let mut encryptor = Encryptor::new(key, &schema, &columns).unwrap();
     let encrypted_schema = encryptor.schema();
     let mut time = Duration::ZERO;

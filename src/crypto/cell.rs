@@ -335,6 +335,13 @@ impl ColumnMarking {
             .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
             .ok_or_else(|| HedfError::Malformed(format!("bad {META_TAG} in field metadata")))?;
         let weight_scale = match meta.get(META_WEIGHT_SCALE) {
+            // Untagged, so never taken from a stored or uploaded column: only the server's
+            // weighting and the sums of it carry one.
+            Some(_) if kind == ColumnKind::Cell => {
+                return Err(HedfError::Malformed(format!(
+                    "{META_WEIGHT_SCALE} on a column of cells: cells are never weighted"
+                )))
+            }
             Some(v) => num(META_WEIGHT_SCALE, v)?,
             None => 0,
         };
@@ -442,6 +449,11 @@ impl<'a> CellRef<'a> {
             ));
         }
         Ok(CellRef { bytes })
+    }
+
+    /// The whole cell, as stored.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
     }
 
     pub fn row(&self) -> u64 {

@@ -2,9 +2,11 @@
 //! through tfhe's f64 FFT.
 //!
 //! tfhe's f64 FFT would lose the low bits of a 64-bit product, so the mask is split into three
-//! 22-bit digits: each digit times a polynomial whose coefficients' absolute values sum to at
-//! most [`MAX_SMALL_L1`] has coefficients below 2^38, which an f64 FFT of size 4096 yields
-//! exactly after rounding (53-bit mantissa, rounding error far below 1/2); the three products
+//! 22-bit digits. The f64 FFT's rounding error grows with the factors' Euclidean norms:
+//! about `|digit|_2 * |small|_2 * 2^-53 * log2(N)`, at most `2^28 * 2^14 * 2^-53 * 12`, under
+//! 2^-7, for a small factor whose coefficients' absolute values sum to at most
+//! [`MAX_SMALL_L1`] = 2^14 (binary keys: 2^12), so every coefficient (below 2^36) rounds to the
+//! exact integer; the three products
 //! are shifted back together with wrapping arithmetic, which is exact mod 2^64. The digits'
 //! forward transforms are computed once per mask and shared by every product with it.
 //! Encryption multiplies by binary keys ([`crate::crypto::glwe`]); he_sum by a group's row
@@ -21,8 +23,8 @@ use crate::crypto::params::POLYNOMIAL_SIZE;
 /// parts a wide measure value is split into, see `encoding`).
 const DIGIT_BITS: u32 = 22;
 const DIGITS: usize = 64_u32.div_ceil(DIGIT_BITS) as usize;
-/// The largest sum of |coefficient| of a small factor: products stay below 2^(22 + 16).
-pub const MAX_SMALL_L1: u64 = 1 << 16;
+/// The largest sum of |coefficient| of a small factor (see the module comment).
+pub const MAX_SMALL_L1: u64 = 1 << 14;
 
 /// A mask's digit transforms and the scratch to multiply them.
 pub struct MaskProduct {
@@ -167,7 +169,7 @@ mod tests {
         rng.fill_slice_with_random_uniform_binary(&mut binary);
         let mut signed = vec![0u64; n];
         for (i, s) in signed.iter_mut().enumerate() {
-            *s = ((i as i64 % 33) - 16) as u64;
+            *s = ((i as i64 % 9) - 4) as u64;
         }
         let mut one = vec![0u64; n];
         one[n / 3] = (-limit) as u64;

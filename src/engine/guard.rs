@@ -62,30 +62,25 @@ impl Default for OperatorGuard {
 }
 
 impl OperatorGuard {
-    /// `x * w` as a weighting, when `x` is an encrypted column or already weighted (then the
-    /// weights multiply) and `w` is plaintext.
+    /// `x * w` as a weighting, when `x` is an encrypted column or already weighted (then
+    /// `he_weight` multiplies the weights, checked) and `w` is plaintext.
     fn weighted(&self, x: &Expr, w: &Expr, schema: &DFSchema) -> Option<Expr> {
         if is_encrypted_operand(w, schema) {
             return None;
         }
-        let w = exact_literal(w);
-        let (column, weight) = match x {
-            Expr::ScalarFunction(f) if f.func.name() == HE_WEIGHT => {
-                (f.args[0].clone(), f.args[1].clone() * w)
-            }
-            Expr::Column(c)
-                if schema.qualified_field_from_column(c).is_ok_and(|(_, f)| {
-                    f.metadata().get(META_KIND).is_some_and(|k| k == KIND_CELL)
-                }) =>
-            {
-                (x.clone(), w)
-            }
-            _ => return None,
+        let cells = match x {
+            Expr::ScalarFunction(f) => f.func.name() == HE_WEIGHT,
+            Expr::Column(c) => schema
+                .qualified_field_from_column(c)
+                .is_ok_and(|(_, f)| f.metadata().get(META_KIND).is_some_and(|k| k == KIND_CELL)),
+            _ => false,
         };
-        Some(Expr::ScalarFunction(ScalarFunction::new_udf(
-            self.weight.clone(),
-            vec![column, weight],
-        )))
+        cells.then(|| {
+            Expr::ScalarFunction(ScalarFunction::new_udf(
+                self.weight.clone(),
+                vec![x.clone(), exact_literal(w)],
+            ))
+        })
     }
 }
 
@@ -133,9 +128,9 @@ impl ExprPlanner for OperatorGuard {
                             f.metadata().get(META_KIND).is_some_and(|k| k == KIND_SUM)
                         }),
                     ),
-                    Expr::ScalarFunction(f) => match &f.args[0] {
-                        Expr::Column(c) => (c.name.clone(), false),
-                        other => (other.schema_name().to_string(), false),
+                    weighted @ Expr::ScalarFunction(_) => match weighted_column(weighted) {
+                        Some((Expr::Column(c), _)) => (c.name.clone(), false),
+                        _ => (weighted.schema_name().to_string(), false),
                     },
                     other => (other.schema_name().to_string(), true),
                 };
@@ -216,12 +211,36 @@ fn check_node(node: &LogicalPlan) -> Result<()> {
                     if let Some(filter) = &f.params.filter {
                         refuse_use(filter, &encrypted, "compared in a FILTER clause")?;
                     }
-                    for (_, weight) in f.params.args.iter().filter_map(weighting) {
-                        refuse_use(weight, &encrypted, "used as a weight")?;
+                    for (_, weights) in f.params.args.iter().filter_map(weighted_column) {
+                        for weight in weights {
+                            refuse_use(weight, &encrypted, "used as a weight")?;
+                        }
                     }
                 }
                 if !is_allowed_aggregate(e) {
                     refuse_use(e, &encrypted, "aggregated with")?;
+                }
+            }
+            Ok(())
+        }
+        LogicalPlan::Union(u) => {
+            // The output keeps one marking per column: inputs whose markings differ (sums of
+            // different weights, say) would be decrypted under the wrong one.
+            let first = u.inputs[0].schema();
+            for (i, field) in first.fields().iter().enumerate() {
+                let differs = u.inputs.iter().any(|input| {
+                    let other = input.schema().field(i);
+                    (field.metadata().contains_key(META_KIND)
+                        || other.metadata().contains_key(META_KIND))
+                        && other.metadata() != field.metadata()
+                });
+                if differs {
+                    return plan_err!(
+                        "{} is encrypted, and differently in the inputs of this UNION (other \
+                         keys, columns or weights); a column of a UNION must be encrypted \
+                         alike in every input",
+                        field.name()
+                    );
                 }
             }
             Ok(())
@@ -304,17 +323,22 @@ fn is_allowed_aggregate(e: &Expr) -> bool {
                 && params.args.iter().all(|a| {
                     is_bare_column(a)
                         || matches!(a, Expr::Literal(..))
-                        || weighting(a).is_some_and(|(x, _)| is_bare_column(x))
+                        || weighted_column(a).is_some_and(|(x, _)| is_bare_column(x))
                 })
         }
         _ => false,
     }
 }
 
-/// The column and weight of a weighting `he_weight(x, w)`.
-fn weighting(e: &Expr) -> Option<(&Expr, &Expr)> {
+/// The column and weights of a weighting `he_weight(... he_weight(x, w1) ..., wn)`.
+fn weighted_column(e: &Expr) -> Option<(&Expr, Vec<&Expr>)> {
     match e {
-        Expr::ScalarFunction(f) if f.func.name() == HE_WEIGHT => Some((&f.args[0], &f.args[1])),
+        Expr::ScalarFunction(f) if f.func.name() == HE_WEIGHT => {
+            let (column, mut weights) =
+                weighted_column(&f.args[0]).unwrap_or((&f.args[0], Vec::new()));
+            weights.push(&f.args[1]);
+            Some((column, weights))
+        }
         _ => None,
     }
 }

@@ -5,7 +5,9 @@
 //! Multiplying a ciphertext by a public integer needs no key: `w * (a, b)` encrypts `w * m`
 //! with noise `w * e`. The SQL planner turns `x * w` into `he_weight(x, w)` (see
 //! `engine::guard`), which pairs each cell with its weight's unscaled integer (a weighted
-//! cell, see [`crate::crypto::cell`]); he_sum then adds `w` times each cell's bodies and mask,
+//! cell, see [`crate::crypto::cell`]); `x * a * b` is `he_weight(he_weight(x, a), b)`, whose
+//! weights multiply with overflow checks (as plaintext DataFusion multiplies `(x * a) * b` in
+//! decimals), never wrapping in the weights' own integer type. he_sum then adds `w` times each cell's bodies and mask,
 //! and the decrypted sum's scale is the column's plus the weight's. A weighted value costs
 //! `w^2` rows of the column's budget ([`crate::crypto::params::weighted_rows`]), so the
 //! engine and the client refuse a weighted sum whose noise or plaintext could overflow.
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, FixedSizeBinaryBuilder};
 use arrow::compute::{cast_with_options, CastOptions};
 use arrow::datatypes::{DataType, Decimal128Type, Field, FieldRef, Int64Type};
-use datafusion::common::{exec_datafusion_err, plan_err};
+use datafusion::common::{exec_datafusion_err, exec_err, plan_err};
 use datafusion::error::Result;
 use datafusion::logical_expr::{
     ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
@@ -25,7 +27,7 @@ use datafusion::logical_expr::{
 };
 
 use crate::crypto::cell::{
-    write_weighted_cell, CellRef, ColumnKind, ColumnMarking, MAX_WEIGHT_SCALE,
+    parse_weighted_cell, write_weighted_cell, CellRef, ColumnKind, ColumnMarking, MAX_WEIGHT_SCALE,
 };
 
 /// The function's name, as EXPLAIN shows it.
@@ -92,7 +94,7 @@ impl ScalarUDFImpl for HeWeight {
             return plan_err!("{HE_WEIGHT} takes a cell column and a weight");
         };
         let marking = match ColumnMarking::from_metadata(cells.metadata())? {
-            Some(m) if m.kind == ColumnKind::Cell => m,
+            Some(m) if m.kind != ColumnKind::Sum && *cells.data_type() == input_type(&m) => m,
             _ => {
                 return plan_err!(
                     "{}: only an encrypted column (not a sum) can be weighted",
@@ -100,9 +102,17 @@ impl ScalarUDFImpl for HeWeight {
                 )
             }
         };
+        let scale = marking.weight_scale + weight_scale(cells.name(), weights.data_type())?;
+        if scale > MAX_WEIGHT_SCALE {
+            return plan_err!(
+                "{}: its weights have {scale} decimal places in all, more than \
+                 {MAX_WEIGHT_SCALE}; round them (CAST(... AS DECIMAL(p, s)))",
+                cells.name()
+            );
+        }
         let weighted = ColumnMarking {
             kind: ColumnKind::Weighted,
-            weight_scale: weight_scale(cells.name(), weights.data_type())?,
+            weight_scale: scale,
             ..marking
         };
         let width = weighted.crypto.weighted_cell_width() as i32;
@@ -113,27 +123,51 @@ impl ScalarUDFImpl for HeWeight {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let marking = ColumnMarking::from_metadata(args.arg_fields[0].metadata())?
-            .expect("checked at planning");
+        let Some(marking) = ColumnMarking::from_metadata(args.arg_fields[0].metadata())? else {
+            return exec_err!("{HE_WEIGHT} takes an encrypted column");
+        };
         let crypto = marking.crypto;
-        let cells = args.args[0].to_array(args.number_rows)?;
+        let input = args.args[0].to_array(args.number_rows)?;
         let weights = weights(&args.args[1].to_array(args.number_rows)?)?;
-        let cells = cells.as_fixed_size_binary();
+        let Some(cells) = input.as_fixed_size_binary_opt() else {
+            return exec_err!("{HE_WEIGHT} takes cells, not {}", input.data_type());
+        };
         let width = crypto.weighted_cell_width();
         let mut out = FixedSizeBinaryBuilder::with_capacity(cells.len(), width as i32);
         let mut buffer = vec![0u8; width];
         for (cell, weight) in cells.iter().zip(weights) {
-            match (cell, weight) {
-                (Some(cell), Some(weight)) => {
-                    CellRef::parse(cell, &crypto)?;
-                    write_weighted_cell(&mut buffer, cell, weight);
-                    out.append_value(&buffer)?;
+            let (Some(bytes), Some(weight)) = (cell, weight) else {
+                out.append_null();
+                continue;
+            };
+            let (cell, weight) = match marking.kind {
+                ColumnKind::Weighted => {
+                    let (cell, inner) = parse_weighted_cell(bytes, &crypto)?;
+                    let Some(product) = inner.checked_mul(weight) else {
+                        return exec_err!(
+                            "the weights of an encrypted column multiply to more than 64 bits \
+                             (as an integer without its decimal point); hedf multiplies \
+                             ciphertexts by 64-bit integers"
+                        );
+                    };
+                    (cell, product)
                 }
-                _ => out.append_null(),
-            }
+                _ => (CellRef::parse(bytes, &crypto)?, weight),
+            };
+            write_weighted_cell(&mut buffer, cell.bytes(), weight);
+            out.append_value(&buffer)?;
         }
         Ok(ColumnarValue::Array(Arc::new(out.finish())))
     }
+}
+
+/// The Arrow type of the cells or weighted cells `marking` describes.
+fn input_type(marking: &ColumnMarking) -> DataType {
+    let width = match marking.kind {
+        ColumnKind::Weighted => marking.crypto.weighted_cell_width(),
+        _ => marking.crypto.cell_width(),
+    };
+    DataType::FixedSizeBinary(width as i32)
 }
 
 /// Each weight's unscaled integer (the decimal's digits without its point), or an error for

@@ -172,10 +172,13 @@ proptest! {
                 key(),
                 "SELECT g, SUM(v * k), he_sum(2 * w), SUM(w * (k % 5) * -3), \
                  SUM(v * CAST(k % 7 - 3 AS DECIMAL(5, 2))) FILTER (WHERE k % 2 = 0), \
-                 SUM(v * 0.25), SUM(v) FROM t GROUP BY g ORDER BY g",
+                 SUM(v * 0.25), SUM(v * CAST(k % 3 AS TINYINT) * CAST(100 AS TINYINT)), \
+                 SUM(v) FROM t GROUP BY g ORDER BY g",
                 "SELECT g, SUM(v * k), SUM(2 * w), SUM(w * (k % 5) * -3), \
                  SUM(v * CAST(k % 7 - 3 AS DECIMAL(5, 2))) FILTER (WHERE k % 2 = 0), \
-                 SUM(v * CAST(0.25 AS DECIMAL(3, 2))), SUM(v) FROM t_plain GROUP BY g ORDER BY g",
+                 SUM(v * CAST(0.25 AS DECIMAL(3, 2))), \
+                 SUM(v * CAST(k % 3 AS TINYINT) * CAST(100 AS TINYINT)), \
+                 SUM(v) FROM t_plain GROUP BY g ORDER BY g",
             ).await;
             assert_same(
                 &ctx,
@@ -596,6 +599,14 @@ async fn ciphertext_misuse_is_refused_at_planning() {
             "is encrypted: `*` needs its plaintext",
         ),
         ("SELECT SUM(he_sum(v) * 2) FROM t", "is encrypted"),
+        (
+            "SELECT SUM(v) FROM t UNION ALL SELECT SUM(v * 0.5) FROM t",
+            "differently in the inputs of this UNION",
+        ),
+        (
+            "SELECT v FROM t UNION ALL SELECT X'00'",
+            "differently in the inputs of this UNION",
+        ),
     ];
     // Refused while planning: the physical plan is never built, nothing runs.
     for (sql, message) in refused {

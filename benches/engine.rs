@@ -10,15 +10,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Decimal128Array, RecordBatch, StringArray};
-use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use datafusion::prelude::{ParquetReadOptions, SessionConfig};
 use hedf::crypto::answer::share_masks;
 use hedf::crypto::client::{decrypt_batch, Encryptor, MeasureColumn};
 use hedf::crypto::keys::ClientKey;
 use hedf::table::EncryptedTable;
 use parquet::arrow::ArrowWriter;
 
+mod common;
 #[path = "../tests/common/values.rs"]
 mod values;
+use common::{dir_size, time_query};
 use values::all_values;
 
 const MEASURES: [&str; 5] = ["m1", "m2", "m3", "m4", "m5"];
@@ -99,13 +101,6 @@ fn write_plain(dir: &Path, batches: impl Iterator<Item = RecordBatch>) {
     writer.close().unwrap();
 }
 
-fn dir_size(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum()
-}
-
 /// Peak resident set size since the last reset, in MiB (Linux; 0 elsewhere).
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -119,22 +114,6 @@ fn peak_rss_mib() -> f64 {
 /// Resets the peak RSS counter so the next reading covers only what follows.
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn median(mut times: Vec<Duration>) -> Duration {
-    times.sort();
-    times[times.len() / 2]
-}
-
-async fn time_query(ctx: &SessionContext, sql: &str, runs: usize) -> (Duration, Vec<RecordBatch>) {
-    let mut times = Vec::new();
-    let mut result = Vec::new();
-    for _ in 0..runs {
-        let start = Instant::now();
-        result = ctx.sql(sql).await.unwrap().collect().await.unwrap();
-        times.push(start.elapsed());
-    }
-    (median(times), result)
 }
 
 #[tokio::main]

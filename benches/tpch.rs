@@ -34,8 +34,10 @@ use hedf::crypto::params::DEFAULT_MAX_ROWS_PER_SUM;
 use hedf::table::EncryptedTable;
 use parquet::arrow::ArrowWriter;
 
+mod common;
 #[path = "../tests/common/values.rs"]
 mod values;
+use common::{dir_size, time_query};
 use values::all_values;
 
 const Q1: &str = "SELECT l_returnflag, l_linestatus, SUM(l_quantity) AS sum_qty, \
@@ -84,29 +86,6 @@ fn lineitem(sf: &str) -> PathBuf {
         assert!(status.success(), "tpchgen-cli failed");
     }
     file
-}
-
-fn median(mut times: Vec<Duration>) -> Duration {
-    times.sort();
-    times[times.len() / 2]
-}
-
-async fn time_query(ctx: &SessionContext, sql: &str, runs: usize) -> (Duration, Vec<RecordBatch>) {
-    let mut times = Vec::new();
-    let mut result = Vec::new();
-    for _ in 0..runs {
-        let start = Instant::now();
-        result = ctx.sql(sql).await.unwrap().collect().await.unwrap();
-        times.push(start.elapsed());
-    }
-    (median(times), result)
-}
-
-fn dir_size(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum()
 }
 
 /// The plaintext `columns` of lineitem, as DataFusion reads them.

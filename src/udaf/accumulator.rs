@@ -429,6 +429,32 @@ impl Sums {
     }
 }
 
+/// Appends the windows of `rows` (sorted, of one group and weight; `key` gives each one's sort
+/// key) to `singles` and `runs`: consecutive positions form one run, a position alone is a single.
+fn push_windows<T>(
+    rows: &[T],
+    key: impl Fn(&T) -> u64,
+    singles: &mut Vec<usize>,
+    runs: &mut Vec<(usize, usize)>,
+) {
+    let mut i = 0;
+    while i < rows.len() {
+        let first = key(&rows[i]);
+        let mut last = first;
+        while i + 1 < rows.len() && key(&rows[i + 1]) == last + 1 && last & SLOT_MASK != SLOT_MASK {
+            i += 1;
+            last += 1;
+        }
+        i += 1;
+        let (j0, j1) = ((first & SLOT_MASK) as usize, (last & SLOT_MASK) as usize);
+        if j0 == j1 {
+            singles.push(N - 1 - j0);
+        } else {
+            runs.push((N - 1 - j1, N - j0));
+        }
+    }
+}
+
 /// Mask sums of any number of groups, fed row by row. Rows are collected per chunk and added
 /// when the chunk changes or on [`MaskSums::flush`].
 #[derive(Default)]
@@ -501,29 +527,20 @@ impl MaskSums {
         self.weighted_keys
             .sort_unstable_by_key(|&(key, weight)| (key >> SLOT_BITS, weight, key));
         let tables = chunks.get(seed, chunk);
+        let keys = &self.keys;
         let mut i = 0;
-        while i < self.keys.len() {
-            let group = (self.keys[i] >> SLOT_BITS) as usize;
+        while i < keys.len() {
+            let group = keys[i] >> SLOT_BITS;
+            let end = i + keys[i..].partition_point(|k| k >> SLOT_BITS == group);
             windows.clear();
-            while i < self.keys.len() && (self.keys[i] >> SLOT_BITS) as usize == group {
-                let first = self.keys[i];
-                let mut last = first;
-                while i + 1 < self.keys.len()
-                    && self.keys[i + 1] == last + 1
-                    && last & SLOT_MASK != SLOT_MASK
-                {
-                    i += 1;
-                    last += 1;
-                }
-                i += 1;
-                let (j0, j1) = ((first & SLOT_MASK) as usize, (last & SLOT_MASK) as usize);
-                if j0 == j1 {
-                    windows.singles.push(N - 1 - j0);
-                } else {
-                    windows.runs.push((N - 1 - j1, N - j0));
-                }
-            }
-            let acc = self.sums.get_mut(group);
+            push_windows(
+                &keys[i..end],
+                |&k| k,
+                &mut windows.singles,
+                &mut windows.runs,
+            );
+            i = end;
+            let acc = self.sums.get_mut(group as usize);
             if !dense.try_add(acc, windows, tables) {
                 (kernels.add_windows)(acc, windows, &tables.single, &tables.prefix);
             }
@@ -532,35 +549,23 @@ impl MaskSums {
         let keys = &self.weighted_keys;
         let mut i = 0;
         while i < keys.len() {
-            let group = (keys[i].0 >> SLOT_BITS) as usize;
+            let group = keys[i].0 >> SLOT_BITS;
             windows.clear();
-            while i < keys.len() && (keys[i].0 >> SLOT_BITS) as usize == group {
+            while i < keys.len() && keys[i].0 >> SLOT_BITS == group {
                 let weight = keys[i].1;
-                while i < keys.len()
-                    && (keys[i].0 >> SLOT_BITS) as usize == group
-                    && keys[i].1 == weight
-                {
-                    let first = keys[i].0;
-                    let mut last = first;
-                    while i + 1 < keys.len()
-                        && keys[i + 1] == (last + 1, weight)
-                        && last & SLOT_MASK != SLOT_MASK
-                    {
-                        i += 1;
-                        last += 1;
-                    }
-                    i += 1;
-                    let (j0, j1) = ((first & SLOT_MASK) as usize, (last & SLOT_MASK) as usize);
-                    if j0 == j1 {
-                        windows.weighted_singles.push(N - 1 - j0);
-                    } else {
-                        windows.weighted_runs.push((N - 1 - j1, N - j0));
-                    }
-                }
+                let end =
+                    i + keys[i..].partition_point(|&(k, w)| k >> SLOT_BITS == group && w == weight);
+                push_windows(
+                    &keys[i..end],
+                    |&(k, _)| k,
+                    &mut windows.weighted_singles,
+                    &mut windows.weighted_runs,
+                );
+                i = end;
                 let ends = (windows.weighted_singles.len(), windows.weighted_runs.len());
                 windows.weights.push((weight, ends.0, ends.1));
             }
-            let acc = self.sums.get_mut(group);
+            let acc = self.sums.get_mut(group as usize);
             if !dense.try_add(acc, windows, tables) {
                 (kernels.add_windows)(acc, windows, &tables.single, &tables.prefix);
             }

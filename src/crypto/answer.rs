@@ -7,12 +7,15 @@
 //! [`crate::crypto::cell`]); [`MaskResolver`] finds a sum's mask again when it is decrypted.
 //! The masks are public: sharing them tells nobody anything the server did not know.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, LargeBinaryArray, LargeBinaryBuilder, RecordBatch};
 use arrow::datatypes::DataType;
 
 use crate::crypto::cell::{write_mask_sharing_sum, SumMask, SumRef, KIND_SUM, META_KIND};
+use crate::crypto::mask_sum::{MaskSumRef, CHECK_BYTES};
 use crate::error::{HedfError, Result};
 
 /// The sum columns of `batch`: LargeBinary columns marked as sums.
@@ -42,7 +45,9 @@ pub fn share_masks(batch: &RecordBatch) -> Result<RecordBatch> {
         .iter()
         .map(|a| LargeBinaryBuilder::with_capacity(a.len(), a.value_data().len() / columns.len()))
         .collect();
-    let mut carriers: Vec<(u16, &[u8])> = Vec::with_capacity(columns.len());
+    // (column, mask sum bytes, its check once a sum shares it)
+    let mut carriers: Vec<(u16, MaskSumRef<'_>, Option<[u8; CHECK_BYTES]>)> =
+        Vec::with_capacity(columns.len());
     let mut buffer = Vec::new();
     for row in 0..batch.num_rows() {
         carriers.clear();
@@ -60,14 +65,18 @@ pub fn share_masks(batch: &RecordBatch) -> Result<RecordBatch> {
                 builder.append_value(bytes);
                 continue;
             };
-            match carriers.iter().find(|(_, m)| *m == mask) {
-                Some(&(carrier, _)) => {
+            match carriers
+                .iter_mut()
+                .find(|(_, m, _)| m.bytes() == mask.bytes())
+            {
+                Some((carrier, carried, check)) => {
+                    let check = check.get_or_insert_with(|| carried.check());
                     buffer.clear();
-                    write_mask_sharing_sum(&sum, carrier, &mut buffer)?;
+                    write_mask_sharing_sum(&sum, *carrier, check, &mut buffer);
                     builder.append_value(&buffer);
                 }
                 None => {
-                    carriers.push((column as u16, mask));
+                    carriers.push((column as u16, mask, None));
                     builder.append_value(bytes);
                 }
             }
@@ -83,15 +92,20 @@ pub fn share_masks(batch: &RecordBatch) -> Result<RecordBatch> {
 /// Finds the mask of a sum in a batch, following a mask-sharing sum to its carrier.
 pub struct MaskResolver<'a> {
     batch: &'a RecordBatch,
+    /// Carriers' checks by (row, column), each hashed once however many sums share it.
+    checks: RefCell<HashMap<(usize, usize), [u8; CHECK_BYTES]>>,
 }
 
 impl<'a> MaskResolver<'a> {
     pub fn new(batch: &'a RecordBatch) -> Self {
-        MaskResolver { batch }
+        MaskResolver {
+            batch,
+            checks: RefCell::default(),
+        }
     }
 
-    /// The mask bytes of `sum`, found in row `row` of column `column` (named for errors).
-    pub fn mask(&self, sum: &SumRef<'a>, row: usize, column: &str) -> Result<&'a [u8]> {
+    /// The mask sum of `sum`, found in row `row` of column `column` (named for errors).
+    pub fn mask(&self, sum: &SumRef<'a>, row: usize, column: &str) -> Result<MaskSumRef<'a>> {
         let (carrier, check) = match sum.mask {
             SumMask::Inline(mask) => return Ok(mask),
             SumMask::InColumn(c, check) => (c as usize, check),
@@ -111,7 +125,16 @@ impl<'a> MaskResolver<'a> {
             .filter(|a| a.is_valid(row))
             .ok_or_else(missing)?;
         match SumRef::parse(array.value(row)).map(|s| s.mask) {
-            Ok(SumMask::Inline(mask)) if mask.starts_with(check) => Ok(mask),
+            Ok(SumMask::Inline(mask))
+                if self
+                    .checks
+                    .borrow_mut()
+                    .entry((row, carrier))
+                    .or_insert_with(|| mask.check())[..]
+                    == *check =>
+            {
+                Ok(mask)
+            }
             _ => Err(missing()),
         }
     }

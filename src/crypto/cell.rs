@@ -15,7 +15,8 @@
 //!   only between the weighting and he_sum (never stored, never sent): he_sum adds `w` times
 //!   the cell's bodies and mask, which needs no key.
 //! * A **sum** is what `he_sum` returns per group (Arrow `LargeBinary`): `"HSUM" | version u8 |
-//!   header | count u64 | body u64 x limbs | mask u64 x N`: the limbs' bodies on one mask sum,
+//!   header | count u64 | body u64 x limbs | mask sum` (coefficients, listed rows or both: see
+//!   [`crate::crypto::mask_sum`]): the limbs' bodies on one mask sum,
 //!   plus the rows it holds, so the client can check the budget again before it trusts a
 //!   decryption. A value weighted by `w` counts as
 //!   [`weighted_rows`](crate::crypto::params::weighted_rows)`(w)` rows (see there).
@@ -23,12 +24,12 @@
 //!   the same bytes (two measures summed over the same rows share their rows' common masks):
 //!   `"HSRF" | version u8 | header | count u64 | body u64 x limbs | carrier u16 | check`, where
 //!   `carrier` is the index, in the same batch, of the column whose sum in the same row
-//!   carries the mask and `check` is that mask's first 16 bytes, so an answer whose columns
+//!   carries the mask and `check` is that mask sum's [check](MaskSumRef::check), so an answer whose columns
 //!   were reordered is refused rather than decrypted with another sum's mask. See
 //!   [`crate::crypto::answer`].
 //! * A **bundle** is the engine's internal state of several fused he_sums (never stored, never
 //!   sent): `"HBUN" | version u8 | parts u8 | per part (header | count u64 | own u8 | body u64 x
-//!   limbs) | shared mask u64 x N | own mask u64 x N per part whose `own` is 1`. Part `p`'s
+//!   limbs) | shared mask sum | own mask sum per part whose `own` is 1`. Part `p`'s
 //!   mask sum is the shared one plus its own: rows where every part had a value on one mask
 //!   are added once to the shared sum, the others to each present part's own sum.
 
@@ -36,7 +37,8 @@ use std::collections::HashMap;
 
 use crate::crypto::encoding::MeasureSpec;
 use crate::crypto::keys::{ClientKey, KeyId};
-use crate::crypto::params::{PARAMS_ID, POLYNOMIAL_SIZE};
+use crate::crypto::mask_sum::{write_mask_sum, ListedRow, MaskSumRef, CHECK_BYTES};
+use crate::crypto::params::PARAMS_ID;
 use crate::crypto::slots::MAX_SLOTS;
 use crate::error::{HedfError, Result};
 
@@ -61,6 +63,9 @@ pub const KIND_SUM: &str = "sum";
 pub const KIND_WEIGHTED: &str = "weighted";
 /// Version of the byte layouts described in this module. Version 2: common masks.
 pub const LAYOUT_VERSION: u8 = 2;
+/// Version of sums, mask-sharing sums and bundles (answers and states, never stored).
+/// Version 3: mask sums may list rows.
+pub const SUM_VERSION: u8 = 3;
 
 /// Bytes of the header every cell and sum carries.
 pub const HEADER_LEN: usize = 15;
@@ -74,12 +79,8 @@ const WEIGHT_BYTES: usize = 8;
 const SUM_MAGIC: &[u8; 4] = b"HSUM";
 const SUM_REF_MAGIC: &[u8; 4] = b"HSRF";
 const BUNDLE_MAGIC: &[u8; 4] = b"HBUN";
-/// Bytes of a mask sum: N coefficients of 8 bytes.
-pub const MASK_BYTES: usize = 8 * POLYNOMIAL_SIZE;
 /// Most sums one bundle holds (its part count is one byte).
 pub const MAX_BUNDLE_PARTS: usize = 255;
-/// Leading bytes of the carrier's mask a mask-sharing sum repeats as a check.
-const MASK_CHECK_BYTES: usize = 16;
 const SUM_HEADER_LEN: usize = 4 + 1 + HEADER_LEN + 8;
 /// Where a sum keeps its row count (the budget both server and client check).
 pub const SUM_COUNT_AT: std::ops::Range<usize> = SUM_HEADER_LEN - 8..SUM_HEADER_LEN;
@@ -108,10 +109,6 @@ impl ColumnCrypto {
     /// Bytes of one value's bodies, all limbs, as storage keeps them.
     pub fn bodies_width(&self) -> usize {
         BODY_BYTES * self.spec.limbs as usize
-    }
-
-    pub fn sum_len(&self) -> usize {
-        SUM_HEADER_LEN + BODY_BYTES * self.spec.limbs as usize + 8 * POLYNOMIAL_SIZE
     }
 
     /// The header bytes every cell and sum of this column carries.
@@ -480,16 +477,30 @@ impl<'a> CellRef<'a> {
     }
 }
 
-/// Serialises one group's sum: the limbs' body sums on one mask sum of N coefficients.
+/// Serialises one group's sum: the limbs' body sums on one mask sum (`coefficients` and
+/// `rows`, see [`crate::crypto::mask_sum`]).
 pub fn write_sum(
     crypto: &ColumnCrypto,
     count: u64,
     bodies: &[u64],
-    mask: &[u64],
+    coefficients: Option<&[u64]>,
+    rows: &mut [ListedRow],
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    write_sum_prefix(SUM_MAGIC, crypto, count, bodies, out);
+    write_mask_sum(coefficients, rows, out)
+}
+
+/// Serialises one group's sum on a serialised mask sum.
+pub fn write_sum_on(
+    crypto: &ColumnCrypto,
+    count: u64,
+    bodies: &[u64],
+    mask: &[u8],
     out: &mut Vec<u8>,
 ) {
     write_sum_prefix(SUM_MAGIC, crypto, count, bodies, out);
-    write_words(mask, out);
+    out.extend_from_slice(mask);
 }
 
 fn write_sum_prefix(
@@ -500,7 +511,7 @@ fn write_sum_prefix(
     out: &mut Vec<u8>,
 ) {
     out.extend_from_slice(magic);
-    out.push(LAYOUT_VERSION);
+    out.push(SUM_VERSION);
     out.extend_from_slice(&crypto.header());
     out.extend_from_slice(&count.to_le_bytes());
     write_words(bodies, out);
@@ -525,24 +536,28 @@ pub fn mask_words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
 
 /// Rewrites the full sum `sum` as a mask-sharing sum whose mask is carried by the sum in
 /// column `carrier` of the same row.
-pub fn write_mask_sharing_sum(sum: &SumRef<'_>, carrier: u16, out: &mut Vec<u8>) -> Result<()> {
-    let mask = sum.inline_mask()?;
+/// `check` is the carrier's mask sum's [check](MaskSumRef::check), computed once per carrier.
+pub fn write_mask_sharing_sum(
+    sum: &SumRef<'_>,
+    carrier: u16,
+    check: &[u8; CHECK_BYTES],
+    out: &mut Vec<u8>,
+) {
     let bodies: Vec<u64> = (0..sum.crypto.spec.limbs as usize)
         .map(|l| sum.body(l))
         .collect();
     write_sum_prefix(SUM_REF_MAGIC, &sum.crypto, sum.count, &bodies, out);
     out.extend_from_slice(&carrier.to_le_bytes());
-    out.extend_from_slice(&mask[..MASK_CHECK_BYTES]);
-    Ok(())
+    out.extend_from_slice(check);
 }
 
 /// Where a sum's mask sum is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SumMask<'a> {
-    /// In the sum itself: N little-endian u64 coefficients.
-    Inline(&'a [u8]),
-    /// In the sum of the same row in this column of the batch, whose mask starts with
-    /// these bytes.
+    /// In the sum itself.
+    Inline(MaskSumRef<'a>),
+    /// In the sum of the same row in this column of the batch, whose mask sum has this
+    /// [check](MaskSumRef::check).
     InColumn(u16, &'a [u8]),
 }
 
@@ -562,25 +577,25 @@ impl<'a> SumRef<'a> {
         {
             return Err(bad("not a hedf sum"));
         }
-        if bytes[4] != LAYOUT_VERSION {
-            return Err(bad("unknown layout version"));
+        if bytes[4] != SUM_VERSION {
+            return Err(bad(&format!(
+                "sum version {}, this hedf reads version {SUM_VERSION}",
+                bytes[4]
+            )));
         }
         let crypto = ColumnCrypto::from_header(&bytes[5..5 + HEADER_LEN])?;
         let count = u64::from_le_bytes(bytes[SUM_COUNT_AT].try_into().unwrap());
         let mask_at = SUM_HEADER_LEN + crypto.bodies_width();
-        let inline = &bytes[..4] == SUM_MAGIC;
-        let expected = mask_at
-            + if inline {
-                MASK_BYTES
-            } else {
-                2 + MASK_CHECK_BYTES
-            };
-        if bytes.len() != expected {
-            return Err(bad(&format!("{} bytes, expected {expected}", bytes.len())));
+        if bytes.len() <= mask_at {
+            return Err(bad("truncated"));
         }
-        let mask = if inline {
-            SumMask::Inline(&bytes[mask_at..])
+        let mask = if &bytes[..4] == SUM_MAGIC {
+            SumMask::Inline(MaskSumRef::parse(&bytes[mask_at..])?)
         } else {
+            let expected = mask_at + 2 + CHECK_BYTES;
+            if bytes.len() != expected {
+                return Err(bad(&format!("{} bytes, expected {expected}", bytes.len())));
+            }
             SumMask::InColumn(
                 u16::from_le_bytes([bytes[mask_at], bytes[mask_at + 1]]),
                 &bytes[mask_at + 2..],
@@ -598,8 +613,8 @@ impl<'a> SumRef<'a> {
         read_word(self.bytes, SUM_HEADER_LEN + BODY_BYTES * limb)
     }
 
-    /// The mask all limbs share, when the sum carries it.
-    pub fn inline_mask(&self) -> Result<&'a [u8]> {
+    /// The mask sum all limbs share, when the sum carries it.
+    pub fn inline_mask(&self) -> Result<MaskSumRef<'a>> {
         match self.mask {
             SumMask::Inline(bytes) => Ok(bytes),
             SumMask::InColumn(c, _) => Err(HedfError::Malformed(format!(
@@ -615,14 +630,15 @@ pub struct BundlePart<'a> {
     pub crypto: &'a ColumnCrypto,
     pub count: u64,
     pub bodies: &'a [u64],
-    /// This part's own mask sum (rows not in the shared one), if it has any.
-    pub own: Option<&'a [u64]>,
+    /// This part's own serialised mask sum (rows not in the shared one), if it has any.
+    pub own: Option<&'a [u8]>,
 }
 
-/// Serialises one group's state of fused he_sums (see the module comment).
-pub fn write_bundle(parts: &[BundlePart<'_>], shared: &[u64], out: &mut Vec<u8>) {
+/// Serialises one group's state of fused he_sums (see the module comment) on the serialised
+/// mask sum `shared`.
+pub fn write_bundle(parts: &[BundlePart<'_>], shared: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(BUNDLE_MAGIC);
-    out.push(LAYOUT_VERSION);
+    out.push(SUM_VERSION);
     // The fusion rule never builds more than MAX_BUNDLE_PARTS parts.
     out.push(u8::try_from(parts.len()).expect("at most MAX_BUNDLE_PARTS parts"));
     for p in parts {
@@ -631,9 +647,9 @@ pub fn write_bundle(parts: &[BundlePart<'_>], shared: &[u64], out: &mut Vec<u8>)
         out.push(p.own.is_some() as u8);
         write_words(p.bodies, out);
     }
-    write_words(shared, out);
+    out.extend_from_slice(shared);
     for own in parts.iter().filter_map(|p| p.own) {
-        write_words(own, out);
+        out.extend_from_slice(own);
     }
 }
 
@@ -643,7 +659,7 @@ pub struct BundlePartRef<'a> {
     pub count: u64,
     bodies: &'a [u8],
     /// The part's own mask sum, when it has one.
-    pub own: Option<&'a [u8]>,
+    pub own: Option<MaskSumRef<'a>>,
 }
 
 impl BundlePartRef<'_> {
@@ -656,14 +672,14 @@ impl BundlePartRef<'_> {
 pub struct BundleRef<'a> {
     pub parts: Vec<BundlePartRef<'a>>,
     /// The mask sum of the rows every part shares.
-    pub shared: &'a [u8],
+    pub shared: MaskSumRef<'a>,
 }
 
 impl<'a> BundleRef<'a> {
     pub fn parse(bytes: &'a [u8]) -> Result<Self> {
         let bad = |why: &str| HedfError::Malformed(format!("fused he_sum state: {why}"));
-        if bytes.len() < 6 || &bytes[..4] != BUNDLE_MAGIC || bytes[4] != LAYOUT_VERSION {
-            return Err(bad("not a hedf bundle of this layout"));
+        if bytes.len() < 6 || &bytes[..4] != BUNDLE_MAGIC || bytes[4] != SUM_VERSION {
+            return Err(bad("not a hedf bundle of this version"));
         }
         let mut at = 6;
         let mut heads = Vec::with_capacity(bytes[5] as usize);
@@ -686,27 +702,26 @@ impl<'a> BundleRef<'a> {
             heads.push((crypto, count, &bytes[head_end..bodies_end], has_own));
             at = bodies_end;
         }
-        let owns = heads.iter().filter(|h| h.3).count();
-        if bytes.len() != at + MASK_BYTES * (1 + owns) {
-            return Err(bad("wrong length"));
+        let (shared, mut rest) = MaskSumRef::parse_prefix(&bytes[at..])?;
+        let mut parts = Vec::with_capacity(heads.len());
+        for (crypto, count, bodies, has_own) in heads {
+            let own = if has_own {
+                let (own, tail) = MaskSumRef::parse_prefix(rest)?;
+                rest = tail;
+                Some(own)
+            } else {
+                None
+            };
+            parts.push(BundlePartRef {
+                crypto,
+                count,
+                bodies,
+                own,
+            });
         }
-        let shared = &bytes[at..at + MASK_BYTES];
-        let mut own_at = at + MASK_BYTES;
-        let parts = heads
-            .into_iter()
-            .map(|(crypto, count, bodies, has_own)| {
-                let own = has_own.then(|| {
-                    own_at += MASK_BYTES;
-                    &bytes[own_at - MASK_BYTES..own_at]
-                });
-                BundlePartRef {
-                    crypto,
-                    count,
-                    bodies,
-                    own,
-                }
-            })
-            .collect();
+        if !rest.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
         Ok(BundleRef { parts, shared })
     }
 }

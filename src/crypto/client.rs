@@ -25,9 +25,12 @@ use crate::crypto::encoding::{parse_decimal, precision_limit, MeasureSpec, MAX_P
 use crate::crypto::glwe::{ChunkEncryptor, FourierKeys};
 use crate::crypto::keys::{ClientKey, KeyId};
 use crate::crypto::mask::MaskGenerator;
+use crate::crypto::mask_sum::{MaskSumRef, MAX_LISTED_ROW, ROW_BITS};
 use crate::crypto::params::{DEFAULT_MAX_ROWS_PER_SUM, GLWE_DIMENSION, POLYNOMIAL_SIZE};
+use crate::crypto::product::MaskProduct;
 use crate::crypto::slots::SlotMap;
 use crate::error::{HedfError, Result};
+use tfhe::core_crypto::fft_impl::fft64::math::polynomial::FourierPolynomialOwned;
 
 /// A measure column to encrypt: its name, decimal scale and (optionally) declared precision.
 #[derive(Clone, Debug)]
@@ -457,15 +460,19 @@ pub fn decrypt_sum(
              decrypt the whole answer (decrypt_batch)"
         )));
     };
-    decrypt_sum_with(key, &column_keys(key, expect), &sum, mask, expect, column)
+    let slot_keys = column_keys(key, expect);
+    let listed = listed_phases(&slot_keys, &[Some(mask)]);
+    decrypt_sum_with(key, &slot_keys, &sum, mask, &listed, expect, column)
 }
 
-/// [`decrypt_sum`] with the column's slot keys and the sum's mask at hand.
+/// [`decrypt_sum`] with the column's slot keys, the sum's mask sum and, per limb, its listed
+/// rows' `<mask, key>` (see [`listed_phases`]) at hand.
 fn decrypt_sum_with(
     key: &ClientKey,
     slot_keys: &[GlweSecretKeyOwned<u64>],
     sum: &SumRef<'_>,
-    mask: &[u8],
+    mask: MaskSumRef<'_>,
+    listed: &[u64],
     expect: &ColumnCrypto,
     column: &str,
 ) -> Result<i128> {
@@ -485,19 +492,175 @@ fn decrypt_sum_with(
             why: spec.budget_reason(),
         });
     }
-    let mut buffer: Vec<u64> = mask_words(mask).collect();
-    buffer.push(0);
+    let mut buffer: Option<Vec<u64>> = mask.coefficients().map(|c| {
+        let mut lwe: Vec<u64> = mask_words(c).collect();
+        lwe.push(0);
+        lwe
+    });
     let limb_sums: Vec<i64> = slot_keys
         .iter()
         .enumerate()
         .map(|(limb, secret)| {
-            decode(
-                sum_phase(secret, &mut buffer, sum.body(limb)),
-                spec.log2_delta,
-            )
+            let body = sum.body(limb).wrapping_sub(listed[limb]);
+            let phase = match &mut buffer {
+                Some(lwe) => sum_phase(secret, lwe, body),
+                None => body,
+            };
+            decode(phase, spec.log2_delta)
         })
         .collect();
     Ok(spec.join(&limb_sums))
+}
+
+/// Chunks with fewer listed rows than this (in one batch of [`LISTED_WINDOW`]) take each
+/// row's inner product directly (N multiply-adds per key) rather than one FFT product per key.
+const DIRECT_BELOW: usize = 16;
+/// Listed rows decrypted together (24 bytes each): bounds the client's memory per column.
+const LISTED_WINDOW: usize = 1 << 22;
+
+/// For each mask sum of `masks`, per slot key, `<mask sum of its listed rows, key>`: the
+/// part of the phase its coefficients do not hold (`masks.len() x keys` values, 0 for a
+/// mask sum without rows). Row `j` of a chunk with mask `a` is the LWE sample extracted at
+/// `j`, and `<extracted mask, s>` is coefficient `j` of the negacyclic product `a * s`: so
+/// the rows of all the mask sums are taken in chunk order, and each chunk costs one mask
+/// regeneration and one exact FFT product per key ([`MaskProduct`]), then one
+/// multiply-add per row and key; a chunk of a few rows takes their inner products directly.
+fn listed_phases(keys: &[GlweSecretKeyOwned<u64>], masks: &[Option<MaskSumRef<'_>>]) -> Vec<u64> {
+    listed_phases_with(keys, masks, DIRECT_BELOW)
+}
+
+fn listed_phases_with(
+    keys: &[GlweSecretKeyOwned<u64>],
+    masks: &[Option<MaskSumRef<'_>>],
+    direct_below: usize,
+) -> Vec<u64> {
+    let mut phases = vec![0u64; masks.len() * keys.len()];
+    let mut seeds: HashMap<u128, u64> = HashMap::new();
+    let mut rows: Vec<ListedKey> = Vec::new();
+    let mut chunks = ChunkPhases::new(keys);
+    for (index, mask) in masks.iter().enumerate() {
+        let mut last: Option<(u128, u64)> = None;
+        for r in mask.iter().flat_map(|m| m.listed()) {
+            // A mask sum's rows come sorted by seed: the last one usually matches.
+            let seed = match last {
+                Some((s, i)) if s == r.seed => i,
+                _ => {
+                    let next = seeds.len() as u64;
+                    let i = *seeds.entry(r.seed).or_insert(next);
+                    last = Some((r.seed, i));
+                    i
+                }
+            };
+            rows.push(ListedKey {
+                key: seed << ROW_BITS | r.row,
+                weight: r.weight,
+                mask: index as u32,
+            });
+        }
+        if rows.len() >= LISTED_WINDOW {
+            chunks.add(&mut rows, &seeds, &mut phases, direct_below);
+        }
+    }
+    chunks.add(&mut rows, &seeds, &mut phases, direct_below);
+    phases
+}
+
+/// A listed row while phases are computed: `seed index << 48 | row`, weight, mask sum.
+struct ListedKey {
+    key: u64,
+    weight: i64,
+    mask: u32,
+}
+
+/// What [`listed_phases`] needs per chunk: the mask, its products with the keys.
+struct ChunkPhases<'k> {
+    keys: &'k [GlweSecretKeyOwned<u64>],
+    product: Option<(MaskProduct, Vec<FourierPolynomialOwned>)>,
+    generator: MaskGenerator,
+    products: Vec<Vec<u64>>,
+}
+
+impl<'k> ChunkPhases<'k> {
+    fn new(keys: &'k [GlweSecretKeyOwned<u64>]) -> Self {
+        ChunkPhases {
+            keys,
+            product: None,
+            generator: MaskGenerator::default(),
+            products: vec![vec![0u64; POLYNOMIAL_SIZE]; keys.len()],
+        }
+    }
+
+    /// Adds the phases of `rows` (then cleared) to `phases`.
+    fn add(
+        &mut self,
+        rows: &mut Vec<ListedKey>,
+        seeds: &HashMap<u128, u64>,
+        phases: &mut [u64],
+        direct_below: usize,
+    ) {
+        let n = POLYNOMIAL_SIZE as u64;
+        let keys = self.keys.len();
+        let mut by_index = vec![0u128; seeds.len()];
+        for (&seed, &i) in seeds {
+            by_index[i as usize] = seed;
+        }
+        rows.sort_unstable_by_key(|r| r.key);
+        let mut i = 0;
+        while i < rows.len() {
+            let chunk_key = rows[i].key / n;
+            let end = i + rows[i..].partition_point(|r| r.key / n == chunk_key);
+            let seed = by_index[(rows[i].key >> ROW_BITS) as usize];
+            let chunk = (rows[i].key & (MAX_LISTED_ROW - 1)) / n;
+            let mask = self.generator.generate(seed, chunk);
+            let add = |phase: &mut u64, weight: i64, dot: u64| {
+                *phase = phase.wrapping_add((weight as u64).wrapping_mul(dot));
+            };
+            if end - i < direct_below {
+                for r in &rows[i..end] {
+                    let at = (r.key % n) as usize;
+                    let phases = &mut phases[r.mask as usize * keys..][..keys];
+                    for (phase, key) in phases.iter_mut().zip(self.keys) {
+                        add(phase, r.weight, extracted_dot(mask, key.as_ref(), at));
+                    }
+                }
+            } else {
+                let (product, transformed) = self.product.get_or_insert_with(|| {
+                    let mut product = MaskProduct::default();
+                    let t = self
+                        .keys
+                        .iter()
+                        .map(|k| product.transform(k.as_ref()))
+                        .collect();
+                    (product, t)
+                });
+                product.set_mask(mask);
+                for (out, key) in self.products.iter_mut().zip(transformed.iter()) {
+                    out.fill(0);
+                    product.add_product_transformed(key, out);
+                }
+                for r in &rows[i..end] {
+                    let at = (r.key % n) as usize;
+                    let phases = &mut phases[r.mask as usize * keys..][..keys];
+                    for (phase, out) in phases.iter_mut().zip(&self.products) {
+                        add(phase, r.weight, out[at]);
+                    }
+                }
+            }
+            i = end;
+        }
+        rows.clear();
+    }
+}
+
+/// `<mask of the sample extracted at j from a chunk of mask a, s>` = coefficient `j` of the
+/// negacyclic product `a * s`: `sum_{i <= j} a[j-i] s[i] - sum_{i > j} a[N+j-i] s[i]`.
+fn extracted_dot(a: &[u64], s: &[u64], j: usize) -> u64 {
+    let n = a.len();
+    let low = (0..=j).fold(0u64, |acc, i| acc.wrapping_add(a[j - i].wrapping_mul(s[i])));
+    let high = (j + 1..n).fold(0u64, |acc, i| {
+        acc.wrapping_add(a[n + j - i].wrapping_mul(s[i]))
+    });
+    low.wrapping_sub(high)
 }
 
 /// body - <mask, key> of one limb of a sum (`lwe`: the sum's mask, then room for the body):
@@ -578,6 +741,7 @@ fn decrypt_column(
     marking: &ColumnMarking,
     column: &ArrayRef,
     masks: &MaskResolver<'_>,
+    phases: &ListedPhaseTable,
 ) -> Result<Decimal128Array> {
     let crypto = &marking.crypto;
     check_key(key, crypto.key_id, &format!("column {name:?}"))?;
@@ -585,6 +749,7 @@ fn decrypt_column(
     let values: Decimal128Array = match (marking.kind, column.data_type()) {
         (ColumnKind::Sum, DataType::LargeBinary) => {
             let slot_keys = column_keys(key, crypto);
+            let limbs = slot_keys.len();
             column
                 .as_any()
                 .downcast_ref::<LargeBinaryArray>()
@@ -595,7 +760,10 @@ fn decrypt_column(
                     v.map(|bytes| {
                         let sum = SumRef::parse(bytes)?;
                         let mask = masks.mask(&sum, row, name)?;
-                        decrypt_sum_with(key, &slot_keys, &sum, mask, crypto, name)
+                        let listed: Vec<u64> = (0..limbs as u16)
+                            .map(|l| phases.phase(&mask, crypto.slot + l))
+                            .collect();
+                        decrypt_sum_with(key, &slot_keys, &sum, mask, &listed, crypto, name)
                     })
                     .transpose()
                 })
@@ -648,6 +816,10 @@ pub fn decrypt_readable(
     let mut columns = Vec::with_capacity(batch.num_columns());
     let mut refused = Vec::new();
     let masks = MaskResolver::new(batch);
+    let phases = match key {
+        Some(key) => ListedPhaseTable::new(key, batch, &masks),
+        None => ListedPhaseTable::default(),
+    };
     for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
         let Some(marking) = ColumnMarking::from_metadata(field.metadata())? else {
             fields.push(field.as_ref().clone());
@@ -655,7 +827,8 @@ pub fn decrypt_readable(
             continue;
         };
         let decrypted = match key {
-            Some(key) => match decrypt_column(key, field.name(), &marking, column, &masks) {
+            Some(key) => match decrypt_column(key, field.name(), &marking, column, &masks, &phases)
+            {
                 Ok(values) => Some(values),
                 Err(e @ HedfError::KeyMismatch { .. }) => {
                     refused.push(e);
@@ -684,6 +857,77 @@ pub fn decrypt_readable(
     Ok((batch, refused))
 }
 
+/// The listed rows' phases of every sum in a batch that `key` can decrypt, computed together:
+/// a mask sum that several columns share (mask-sharing sums) is decoded and sorted once, for
+/// all their keys. Bytes this cannot read are skipped here and refused when decrypted.
+#[derive(Default)]
+struct ListedPhaseTable {
+    slots: Vec<u16>,
+    /// Mask sums by the address of their bytes in the batch (the carrier's, for sharing sums).
+    masks: HashMap<usize, usize>,
+    /// Per mask sum, per slot.
+    phases: Vec<u64>,
+}
+
+impl ListedPhaseTable {
+    fn new(key: &ClientKey, batch: &RecordBatch, resolver: &MaskResolver<'_>) -> Self {
+        let mut slots = std::collections::BTreeSet::new();
+        let mut masks: HashMap<usize, usize> = HashMap::new();
+        let mut listed: Vec<Option<MaskSumRef<'_>>> = Vec::new();
+        for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+            let Ok(Some(marking)) = ColumnMarking::from_metadata(field.metadata()) else {
+                continue;
+            };
+            let crypto = marking.crypto;
+            let Some(array) = column.as_binary_opt::<i64>() else {
+                continue;
+            };
+            if marking.kind != ColumnKind::Sum || crypto.key_id != key.id() {
+                continue;
+            }
+            slots.extend(crypto.slot..crypto.slot + crypto.spec.limbs as u16);
+            for (row, bytes) in array.iter().enumerate() {
+                let Some(Ok(sum)) = bytes.map(SumRef::parse) else {
+                    continue;
+                };
+                let Ok(mask) = resolver.mask(&sum, row, field.name()) else {
+                    continue;
+                };
+                if mask.listed().len() > 0 {
+                    masks
+                        .entry(mask.bytes().as_ptr() as usize)
+                        .or_insert_with(|| {
+                            listed.push(Some(mask));
+                            listed.len() - 1
+                        });
+                }
+            }
+        }
+        let slots: Vec<u16> = slots.into_iter().collect();
+        if listed.is_empty() {
+            return ListedPhaseTable::default();
+        }
+        let keys: Vec<_> = slots.iter().map(|&s| key.slot_key(s)).collect();
+        ListedPhaseTable {
+            phases: listed_phases(&keys, &listed),
+            slots,
+            masks,
+        }
+    }
+
+    /// `<listed rows of mask, key of slot>` (0 for a mask sum without listed rows).
+    fn phase(&self, mask: &MaskSumRef<'_>, slot: u16) -> u64 {
+        let Some(&index) = self.masks.get(&(mask.bytes().as_ptr() as usize)) else {
+            return 0;
+        };
+        let at = self
+            .slots
+            .binary_search(&slot)
+            .expect("slots of every listed sum");
+        self.phases[index * self.slots.len() + at]
+    }
+}
+
 /// How a value that cannot be decrypted here is shown.
 pub const ENCRYPTED: &str = "<encrypted>";
 
@@ -709,12 +953,38 @@ pub(crate) mod test_support {
         (marking.crypto, encrypted[0].column(0).clone())
     }
 
-    /// The phase of a sum's limb `limb` under `key`.
+    /// The phase of a sum's limb `limb` under `key`, whatever its mask sum holds.
     pub(crate) fn sum_limb_phase(key: &ClientKey, sum: &SumRef<'_>, limb: usize) -> u64 {
-        let mut lwe: Vec<u64> = mask_words(sum.inline_mask().unwrap()).collect();
-        lwe.push(0);
+        let mask = sum.inline_mask().unwrap();
         let secret = key.slot_key(sum.crypto.slot + limb as u16);
-        sum_phase(&secret, &mut lwe, sum.body(limb))
+        let listed = listed_phases(std::slice::from_ref(&secret), &[Some(mask)])[0];
+        let body = sum.body(limb).wrapping_sub(listed);
+        match mask.coefficients() {
+            Some(c) => {
+                let mut lwe: Vec<u64> = mask_words(c).collect();
+                lwe.push(0);
+                sum_phase(&secret, &mut lwe, body)
+            }
+            None => body,
+        }
+    }
+
+    /// A mask sum's coefficients with its listed rows' masks (extracted by tfhe) added.
+    pub(crate) fn mask_sum_coefficients(mask: &MaskSumRef<'_>) -> Vec<u64> {
+        let mut sum: Vec<u64> = match mask.coefficients() {
+            Some(c) => mask_words(c).collect(),
+            None => vec![0; POLYNOMIAL_SIZE],
+        };
+        let mut masks = MaskGenerator::default();
+        for r in mask.listed() {
+            for (s, m) in sum
+                .iter_mut()
+                .zip(extracted_mask(&mut masks, r.seed, r.row))
+            {
+                *s = s.wrapping_add((r.weight as u64).wrapping_mul(m));
+            }
+        }
+        sum
     }
 
     /// The LWE mask of the cell at `row` under `seed`, extracted by tfhe from the chunk's
@@ -738,6 +1008,49 @@ mod tests {
     use super::test_support::encrypted_zeros;
     use super::*;
     use arrow::array::Int64Array;
+
+    /// Listed rows' inner products with a key, by FFT product per chunk and directly, equal
+    /// the inner products of the masks tfhe extracts, with weights and two mask streams.
+    #[test]
+    fn listed_phases_equal_the_inner_products_of_extracted_masks() {
+        use super::test_support::extracted_mask;
+        use crate::crypto::mask_sum::{write_mask_sum, ListedRow};
+        let key = ClientKey::generate();
+        let keys = vec![key.slot_key(0), key.slot_key(3)];
+        let n = POLYNOMIAL_SIZE as u64;
+        let mut rows: Vec<ListedRow> = (0..300u64)
+            .map(|i| ListedRow {
+                seed: [11, 1 << 100][(i % 2) as usize],
+                row: (i * 7919) % (3 * n) + [0, 1][(i % 3 == 0) as usize],
+                weight: [1, -5, 1 << 40][(i % 3) as usize],
+            })
+            .collect();
+        let mut bytes = Vec::new();
+        write_mask_sum(None, &mut rows, &mut bytes).unwrap();
+        let mask = MaskSumRef::parse(&bytes).unwrap();
+        let mut masks = MaskGenerator::default();
+        let want: Vec<u64> = keys
+            .iter()
+            .map(|k| {
+                rows.iter().fold(0u64, |acc, r| {
+                    let m = extracted_mask(&mut masks, r.seed, r.row);
+                    let dot = m
+                        .iter()
+                        .zip(k.as_ref())
+                        .fold(0u64, |d, (m, s)| d.wrapping_add(m.wrapping_mul(*s)));
+                    acc.wrapping_add((r.weight as u64).wrapping_mul(dot))
+                })
+            })
+            .collect();
+        for direct_below in [0, usize::MAX] {
+            let got = listed_phases_with(&keys, &[None, Some(mask)], direct_below);
+            assert_eq!(
+                got,
+                [vec![0, 0], want.clone()].concat(),
+                "direct below {direct_below}"
+            );
+        }
+    }
 
     /// Encrypting zeros and reading the raw phases measures the noise tfhe actually added: it
     /// must match the parameter set's standard deviation (4.0 on the u64 torus), centred on 0.

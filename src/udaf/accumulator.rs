@@ -1,5 +1,6 @@
 //! The he_sum group accumulator, for one column or several fused ones: per group and column, a
-//! row count and the limb body sums; per group, one shared mask sum (N coefficients) of the rows
+//! row count and the limb body sums; per group, one shared mask sum (listed rows or N
+//! coefficients, see below) of the rows
 //! whose cells all share one common mask (a table row's measures, none NULL), and per column
 //! and group that needs it, a mask sum of the column's other rows. Adds are wrapping u64 on the
 //! torus; nothing here needs a key.
@@ -18,7 +19,16 @@
 //! bodies and mask, always to its own sums. A group's rows in a chunk are sorted by (weight,
 //! position), each weight's rows (runs included) summed as above and multiplied once: O(N) per
 //! row plus O(N) per distinct weight (TPC-H Q6 has three).
+//!
+//! A group's mask sum starts as a list of its rows (see [`crate::crypto::mask_sum`]): O(1) per
+//! row, 8 bytes each (16 with a weight). Past [`LISTED_ROWS`] rows the group takes coefficients, and its listed
+//! rows are added into them later, many groups' at once in chunk order (once more than
+//! [`PENDING_ROWS`] wait, and before any emit). So a group holds at most one list of up to
+//! [`LISTED_ROWS`] rows or one set of coefficients (32 KiB each), and many small groups (10^5
+//! groups of 10 rows) cost their rows, not 32 KiB each; the client finishes a listed mask sum
+//! with one FFT product per chunk (see `crypto::client`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -30,9 +40,12 @@ use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 
 use crate::crypto::cell::{
     mask_words, parse_weighted_cell, write_bundle, write_sum, BundlePart, BundleRef, CellRef,
-    ColumnCrypto, SumRef, MASK_BYTES,
+    ColumnCrypto, SumRef,
 };
 use crate::crypto::mask::MaskGenerator;
+use crate::crypto::mask_sum::{
+    write_mask_sum, ListedRow, MaskSumRef, LISTED_ROWS, MAX_LISTED_ROW, MAX_SEEDS, ROW_BITS,
+};
 use crate::crypto::params::{weighted_rows, POLYNOMIAL_SIZE as N};
 use crate::crypto::product::{MaskProduct, MAX_SMALL_L1};
 use crate::error::HedfError;
@@ -69,13 +82,14 @@ impl ChunkCache {
         }
     }
 
-    fn get(&mut self, seed: u128, chunk: u64) -> &ChunkTables {
+    /// The index in `entries` of the chunk's tables, built if not cached.
+    fn ensure(&mut self, seed: u128, chunk: u64) -> usize {
         if let Some(i) = self
             .entries
             .iter()
             .position(|e| e.seed == seed && e.chunk == chunk)
         {
-            return &self.entries[i];
+            return i;
         }
         let slot = if self.entries.len() < CACHED_CHUNKS {
             self.entries.push(ChunkTables {
@@ -102,7 +116,7 @@ impl ChunkCache {
             t.prefix[2 * N - (k + 1)] = acc;
             t.single[2 * N - 1 - k] = w;
         }
-        &self.entries[slot]
+        slot
     }
 }
 
@@ -369,9 +383,20 @@ impl Dense {
     }
 }
 
+/// Listed rows waiting to be added into their groups' coefficients, past which they are.
+const PENDING_ROWS: usize = 1 << 16;
+
 /// What adding masks needs besides the sums: chunk tables, kernels and scratch, shared by
 /// every [`MaskSums`] of one accumulator.
 struct Adder {
+    /// The mask streams of listed rows: a [`Listed`] key holds an index into it.
+    seeds: Vec<u128>,
+    seed_indices: HashMap<u128, u64>,
+    /// Mask streams listed rows may come from, past which rows take coefficients at once
+    /// ([`MAX_SEEDS`]; settable by tests).
+    max_seeds: usize,
+    /// Rows a group keeps listed before it takes coefficients (settable by tests).
+    max_listed: usize,
     chunks: ChunkCache,
     kernels: Kernels,
     dense: Dense,
@@ -379,6 +404,55 @@ struct Adder {
     windows: Windows,
     /// Scratch: one serialised mask sum, decoded.
     words: Vec<u64>,
+}
+
+impl Adder {
+    /// The index of `seed` in [`Adder::seeds`]; `None` once a listed row's key could not
+    /// hold another, when rows take coefficients instead.
+    fn seed_index(&mut self, seed: u128) -> Option<u64> {
+        if self.seeds.last() == Some(&seed) {
+            return Some(self.seeds.len() as u64 - 1);
+        }
+        if let Some(&i) = self.seed_indices.get(&seed) {
+            return Some(i);
+        }
+        if self.seeds.len() >= self.max_seeds {
+            return None;
+        }
+        self.seeds.push(seed);
+        self.seed_indices.insert(seed, self.seeds.len() as u64 - 1);
+        Some(self.seeds.len() as u64 - 1)
+    }
+
+    fn listed_row(&self, listed: Listed) -> ListedRow {
+        ListedRow {
+            seed: self.seeds[(listed.key >> ROW_BITS) as usize],
+            row: listed.key & (MAX_LISTED_ROW - 1),
+            weight: listed.weight,
+        }
+    }
+}
+
+/// One listed row of a group: `seed index << 48 | row` (see [`Adder::seeds`]) and its weight.
+#[derive(Clone, Copy)]
+struct Listed {
+    key: u64,
+    weight: i64,
+}
+
+/// Row `i` of a list (see [`MaskSums::listed`]).
+fn listed_at(list: &[u64], weighted: bool, i: usize) -> Listed {
+    if weighted {
+        Listed {
+            key: list[2 * i],
+            weight: list[2 * i + 1] as i64,
+        }
+    } else {
+        Listed {
+            key: list[i],
+            weight: 1,
+        }
+    }
 }
 
 /// Marks a group without a mask sum of its own in [`Sums::index`].
@@ -429,6 +503,66 @@ impl Sums {
     }
 }
 
+/// Per group, a list of words if it has one: 4 bytes a group without.
+#[derive(Default)]
+struct Lists {
+    /// Per group, where its list is in `lists`, or [`NONE`].
+    index: Vec<u32>,
+    lists: Vec<Vec<u64>>,
+    /// Places in `lists` whose groups gave their lists up, for reuse.
+    free: Vec<u32>,
+    /// Bytes the lists' words take, for `size`.
+    bytes: usize,
+}
+
+impl Lists {
+    fn get(&self, group: usize) -> &[u64] {
+        match self.index[group] {
+            NONE => &[],
+            at => &self.lists[at as usize],
+        }
+    }
+
+    /// `group`'s list, made if it has none.
+    fn get_mut(&mut self, group: usize) -> &mut Vec<u64> {
+        if self.index[group] == NONE {
+            self.index[group] = self.free.pop().unwrap_or_else(|| {
+                self.lists.push(Vec::new());
+                self.lists.len() as u32 - 1
+            });
+        }
+        &mut self.lists[self.index[group] as usize]
+    }
+
+    /// Removes `group`'s list and returns it.
+    fn take(&mut self, group: usize) -> Option<Vec<u64>> {
+        let at = std::mem::replace(&mut self.index[group], NONE);
+        if at == NONE {
+            return None;
+        }
+        self.free.push(at);
+        let list = std::mem::take(&mut self.lists[at as usize]);
+        self.bytes -= 8 * list.capacity();
+        Some(list)
+    }
+
+    /// Forgets the first `groups` groups' lists.
+    fn release(&mut self, groups: usize) {
+        for group in 0..groups {
+            self.take(group);
+        }
+        self.index.drain(..groups);
+        if self.index.is_empty() {
+            self.lists = Vec::new();
+            self.free.clear();
+        }
+    }
+
+    fn size(&self) -> usize {
+        4 * (self.index.capacity() + self.free.capacity()) + 24 * self.lists.capacity() + self.bytes
+    }
+}
+
 /// Appends the windows of `rows` (sorted, of one group and weight; `key` gives each one's sort
 /// key) to `singles` and `runs`: consecutive positions form one run, a position alone is a single.
 fn push_windows<T>(
@@ -455,11 +589,20 @@ fn push_windows<T>(
     }
 }
 
-/// Mask sums of any number of groups, fed row by row. Rows are collected per chunk and added
-/// when the chunk changes or on [`MaskSums::flush`].
+/// Mask sums of any number of groups, fed row by row. Rows are collected per chunk and, on
+/// [`MaskSums::flush`] (when the chunk changes), listed or added to coefficients.
 #[derive(Default)]
 struct MaskSums {
+    /// Coefficients of the groups that have them.
     sums: Sums,
+    /// Per group without coefficients, its listed rows: each row's key, then its weight if
+    /// the sums are `weighted`.
+    listed: Lists,
+    /// Whether listed rows keep a weight (a weighted column's own sums); every other list's
+    /// rows weigh 1 and take one word each.
+    weighted: bool,
+    /// Listed rows of groups that took coefficients, not yet added: (group, row).
+    pending: Vec<(u32, Listed)>,
     /// Sort keys (group << SLOT_BITS | position) of the pending rows of chunk `current`.
     keys: Vec<u64>,
     /// The same for weighted rows, with their weights (two's complement).
@@ -468,14 +611,146 @@ struct MaskSums {
 }
 
 impl MaskSums {
-    fn with_groups(groups: usize) -> Self {
-        let mut sums = MaskSums::default();
+    fn with_groups(groups: usize, weighted: bool) -> Self {
+        let mut sums = MaskSums {
+            weighted,
+            ..MaskSums::default()
+        };
         sums.resize(groups);
         sums
     }
 
+    /// Words a listed row takes.
+    fn stride(&self) -> usize {
+        1 + self.weighted as usize
+    }
+
     fn resize(&mut self, groups: usize) {
         self.sums.index.resize(groups, NONE);
+        self.listed.index.resize(groups, NONE);
+    }
+
+    /// Lists `rows` in `group` if it has no coefficients, stays within the list's limit and,
+    /// unless the sums are weighted, every row weighs 1.
+    fn list(
+        &mut self,
+        max_listed: usize,
+        group: usize,
+        rows: impl ExactSizeIterator<Item = Listed> + Clone,
+    ) -> bool {
+        let stride = self.stride();
+        let words = self.listed.get(group).len();
+        if self.sums.index[group] != NONE
+            || words / stride + rows.len() > max_listed
+            || (!self.weighted && rows.clone().any(|r| r.weight != 1))
+        {
+            return false;
+        }
+        if rows.len() == 0 {
+            return true;
+        }
+        let weighted = self.weighted;
+        let listed = self.listed.get_mut(group);
+        let (before, need) = (listed.capacity(), words + rows.len() * stride);
+        if need > before {
+            // Doubling, but never past the list's limit.
+            listed.reserve_exact(need.max(2 * before).min(max_listed * stride) - words);
+        }
+        for r in rows {
+            listed.push(r.key);
+            if weighted {
+                listed.push(r.weight as u64);
+            }
+        }
+        let grown = 8 * (listed.capacity() - before);
+        self.listed.bytes += grown;
+        true
+    }
+
+    /// Forgets `group`'s list, returning its rows.
+    fn take_list(&mut self, group: usize) -> Option<impl Iterator<Item = Listed>> {
+        let listed = self.listed.take(group)?;
+        let weighted = self.weighted;
+        Some((0..listed.len() / self.stride()).map(move |i| listed_at(&listed, weighted, i)))
+    }
+
+    /// Gives `group` coefficients, its listed rows pending to be added into them.
+    fn coefficients(&mut self, group: usize) -> &mut [u64] {
+        if let Some(listed) = self.take_list(group) {
+            self.pending.extend(listed.map(|l| (group as u32, l)));
+        }
+        self.sums.get_mut(group)
+    }
+
+    /// Adds the pending listed rows into their groups' coefficients, in chunk order, through
+    /// the same path as new rows: their groups have coefficients, so nothing is listed again.
+    fn add_pending(&mut self, adder: &mut Adder) {
+        self.flush(adder);
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.sort_unstable_by_key(|&(_, l)| l.key);
+        for &(group, listed) in &pending {
+            let ListedRow { seed, row, weight } = adder.listed_row(listed);
+            if weight == 1 {
+                self.push(adder, group as usize, seed, row);
+            } else {
+                self.push_weighted(adder, group as usize, seed, row, weight);
+            }
+        }
+        self.flush(adder);
+    }
+
+    /// Adds a serialised mask sum (coefficients, listed rows or both) to `group`'s.
+    fn add_mask_sum(&mut self, adder: &mut Adder, group: usize, mask: &MaskSumRef<'_>) {
+        if let Some(c) = mask.coefficients() {
+            self.add(adder, group, c);
+        }
+        let mut rows = Vec::with_capacity(mask.listed().len());
+        for r in mask.listed() {
+            match adder.seed_index(r.seed) {
+                Some(seed) => rows.push(Listed {
+                    key: seed << ROW_BITS | r.row,
+                    weight: r.weight,
+                }),
+                None => self.push_weighted(adder, group, r.seed, r.row, r.weight),
+            }
+        }
+        // Rows this list cannot keep are added, weights and all, as pending rows.
+        if !self.list(adder.max_listed, group, rows.iter().copied()) {
+            self.coefficients(group);
+            self.pending
+                .extend(rows.into_iter().map(|l| (group as u32, l)));
+        }
+    }
+
+    /// Whether `group` has a mask sum here.
+    fn has(&self, group: usize) -> bool {
+        self.sums.index[group] != NONE || self.listed.index[group] != NONE
+    }
+
+    /// Serialises `group`'s mask sum.
+    fn write(&self, adder: &Adder, group: usize, out: &mut Vec<u8>) -> Result<()> {
+        let mut rows: Vec<ListedRow> = self.listed_rows(adder, group).collect();
+        Ok(write_mask_sum(self.sums.get(group), &mut rows, out)?)
+    }
+
+    /// `group`'s listed rows, as they are serialised.
+    fn listed_rows<'a>(
+        &'a self,
+        adder: &'a Adder,
+        group: usize,
+    ) -> impl Iterator<Item = ListedRow> + 'a {
+        let list = self.listed.get(group);
+        (0..list.len() / self.stride())
+            .map(move |i| adder.listed_row(listed_at(list, self.weighted, i)))
+    }
+
+    /// Forgets the first `groups` groups.
+    fn release(&mut self, groups: usize) {
+        self.sums.release(groups);
+        self.listed.release(groups);
     }
 
     /// Adds row `row` of the mask stream `seed` to `group`'s sum.
@@ -516,6 +791,19 @@ impl MaskSums {
         let Some((seed, chunk)) = self.current.take() else {
             return;
         };
+        let first_row = chunk * N as u64;
+        let listed_base = adder.seed_index(seed).map(|s| s << ROW_BITS | first_row);
+        let listed = |key: u64, weight: u64| {
+            listed_base.map(|base| Listed {
+                key: base | (key & SLOT_MASK),
+                weight: weight as i64,
+            })
+        };
+        let mut keys = std::mem::take(&mut self.keys);
+        let mut weighted_keys = std::mem::take(&mut self.weighted_keys);
+        keys.sort_unstable();
+        weighted_keys.sort_unstable_by_key(|&(key, weight)| (key >> SLOT_BITS, weight, key));
+        let max_listed = adder.max_listed;
         let Adder {
             chunks,
             kernels,
@@ -523,15 +811,22 @@ impl MaskSums {
             windows,
             ..
         } = adder;
-        self.keys.sort_unstable();
-        self.weighted_keys
-            .sort_unstable_by_key(|&(key, weight)| (key >> SLOT_BITS, weight, key));
-        let tables = chunks.get(seed, chunk);
-        let keys = &self.keys;
+        // Built only if some group of the chunk takes coefficients.
+        let mut slot = None;
         let mut i = 0;
         while i < keys.len() {
             let group = keys[i] >> SLOT_BITS;
             let end = i + keys[i..].partition_point(|k| k >> SLOT_BITS == group);
+            if listed_base.is_some()
+                && self.list(
+                    max_listed,
+                    group as usize,
+                    keys[i..end].iter().map(|&k| listed(k, 1).expect("base")),
+                )
+            {
+                i = end;
+                continue;
+            }
             windows.clear();
             push_windows(
                 &keys[i..end],
@@ -540,16 +835,32 @@ impl MaskSums {
                 &mut windows.runs,
             );
             i = end;
-            let acc = self.sums.get_mut(group as usize);
+            let at = *slot.get_or_insert_with(|| chunks.ensure(seed, chunk));
+            let tables = &chunks.entries[at];
+            let acc = self.coefficients(group as usize);
             if !dense.try_add(acc, windows, tables) {
                 (kernels.add_windows)(acc, windows, &tables.single, &tables.prefix);
             }
         }
-        self.keys.clear();
-        let keys = &self.weighted_keys;
+        keys.clear();
+        self.keys = keys;
+        let keys = &weighted_keys;
         let mut i = 0;
         while i < keys.len() {
             let group = keys[i].0 >> SLOT_BITS;
+            let end = i + keys[i..].partition_point(|&(k, _)| k >> SLOT_BITS == group);
+            if listed_base.is_some()
+                && self.list(
+                    max_listed,
+                    group as usize,
+                    keys[i..end]
+                        .iter()
+                        .map(|&(k, w)| listed(k, w).expect("base")),
+                )
+            {
+                i = end;
+                continue;
+            }
             windows.clear();
             while i < keys.len() && keys[i].0 >> SLOT_BITS == group {
                 let weight = keys[i].1;
@@ -565,25 +876,30 @@ impl MaskSums {
                 let ends = (windows.weighted_singles.len(), windows.weighted_runs.len());
                 windows.weights.push((weight, ends.0, ends.1));
             }
-            let acc = self.sums.get_mut(group as usize);
+            let at = *slot.get_or_insert_with(|| chunks.ensure(seed, chunk));
+            let tables = &chunks.entries[at];
+            let acc = self.coefficients(group as usize);
             if !dense.try_add(acc, windows, tables) {
                 (kernels.add_windows)(acc, windows, &tables.single, &tables.prefix);
             }
         }
-        self.weighted_keys.clear();
+        weighted_keys.clear();
+        self.weighted_keys = weighted_keys;
     }
 
-    /// Adds a serialised mask sum to `group`'s.
-    fn add(&mut self, adder: &mut Adder, group: usize, mask: &[u8]) {
+    /// Adds serialised coefficients to `group`'s.
+    fn add(&mut self, adder: &mut Adder, group: usize, coefficients: &[u8]) {
         adder.words.clear();
-        adder.words.extend(mask_words(mask));
-        (adder.kernels.add)(self.sums.get_mut(group), &adder.words);
+        adder.words.extend(mask_words(coefficients));
+        (adder.kernels.add)(self.coefficients(group), &adder.words);
     }
 
     fn size(&self) -> usize {
         8 * (self.sums.pool.capacity() + self.keys.capacity())
             + 16 * self.weighted_keys.capacity()
+            + 24 * self.pending.capacity()
             + 4 * (self.sums.index.capacity() + self.sums.free.capacity())
+            + self.listed.size()
     }
 }
 
@@ -612,11 +928,21 @@ impl Part {
 
     /// One input cell and its weight (1 when unweighted).
     fn parse<'a>(&self, bytes: &'a [u8]) -> Result<(CellRef<'a>, i64)> {
-        Ok(if self.weighted {
+        let (cell, weight) = if self.weighted {
             parse_weighted_cell(bytes, &self.crypto)?
         } else {
             (CellRef::parse(bytes, &self.crypto)?, 1)
-        })
+        };
+        // Listed rows hold 48-bit row numbers; the storage never numbers a row beyond.
+        if cell.row() >= MAX_LISTED_ROW {
+            return Err(HedfError::Malformed(format!(
+                "he_sum({}): cell row number {} is beyond 2^48",
+                self.column,
+                cell.row()
+            ))
+            .into());
+        }
+        Ok((cell, weight))
     }
 
     /// Why this part's budget is what it is.
@@ -654,11 +980,6 @@ impl Part {
         }
         .into())
     }
-}
-
-/// `part`'s own mask sum of `group`, if it has one.
-fn own_sum(part: &Part, group: usize) -> Option<&[u64]> {
-    part.own.as_ref().and_then(|o| o.sums.get(group))
 }
 
 /// What an accumulator emits per group.
@@ -718,6 +1039,10 @@ impl HeSumGroupsAccumulator {
             groups: 0,
             shared: MaskSums::default(),
             adder: Adder {
+                seeds: Vec::new(),
+                seed_indices: HashMap::new(),
+                max_seeds: MAX_SEEDS,
+                max_listed: LISTED_ROWS,
                 chunks: ChunkCache::new(),
                 kernels: Kernels::detect(),
                 dense: Dense {
@@ -787,9 +1112,10 @@ impl HeSumGroupsAccumulator {
         for (part, cell) in self.parts.iter_mut().zip(cells) {
             if let Some((cell, weight)) = cell {
                 let groups = self.groups;
+                let weighted = part.weighted;
                 let own = part
                     .own
-                    .get_or_insert_with(|| MaskSums::with_groups(groups));
+                    .get_or_insert_with(|| MaskSums::with_groups(groups, weighted));
                 if part.weighted {
                     own.push_weighted(&mut self.adder, group, cell.seed(), cell.row(), *weight);
                 } else {
@@ -803,6 +1129,26 @@ impl HeSumGroupsAccumulator {
         self.shared.flush(&mut self.adder);
         for own in self.parts.iter_mut().filter_map(|p| p.own.as_mut()) {
             own.flush(&mut self.adder);
+        }
+    }
+
+    fn pending_rows(&self) -> usize {
+        let own = self.parts.iter().filter_map(|p| p.own.as_ref());
+        std::iter::once(&self.shared)
+            .chain(own)
+            .map(|s| s.pending.len())
+            .sum()
+    }
+
+    /// Flushes, and adds listed rows into coefficients where more than `at_least` are pending.
+    fn add_pending(&mut self, at_least: usize) {
+        self.flush();
+        let sums = std::iter::once(&mut self.shared)
+            .chain(self.parts.iter_mut().filter_map(|p| p.own.as_mut()));
+        for sums in sums {
+            if sums.pending.len() > at_least {
+                sums.add_pending(&mut self.adder);
+            }
         }
     }
 
@@ -857,7 +1203,7 @@ impl HeSumGroupsAccumulator {
             }
             self.add_row(group, &cells);
         }
-        self.flush();
+        self.add_pending(PENDING_ROWS);
         Ok(())
     }
 
@@ -893,7 +1239,8 @@ impl HeSumGroupsAccumulator {
                 part.check_state(&sum.crypto)?;
                 part.counts[group] = part.counts[group].saturating_add(sum.count);
                 part.add_bodies(group, |limb| sum.body(limb));
-                self.shared.add(&mut self.adder, group, sum.inline_mask()?);
+                self.shared
+                    .add_mask_sum(&mut self.adder, group, &sum.inline_mask()?);
             }
             Output::Bundle => {
                 let bundle = BundleRef::parse(bytes)?;
@@ -906,12 +1253,14 @@ impl HeSumGroupsAccumulator {
                     part.add_bodies(group, |limb| state.body(limb));
                     if let Some(own) = state.own {
                         let groups = self.groups;
+                        let weighted = part.weighted;
                         part.own
-                            .get_or_insert_with(|| MaskSums::with_groups(groups))
-                            .add(&mut self.adder, group, own);
+                            .get_or_insert_with(|| MaskSums::with_groups(groups, weighted))
+                            .add_mask_sum(&mut self.adder, group, &own);
                     }
                 }
-                self.shared.add(&mut self.adder, group, bundle.shared);
+                self.shared
+                    .add_mask_sum(&mut self.adder, group, &bundle.shared);
             }
         }
         Ok(())
@@ -919,7 +1268,7 @@ impl HeSumGroupsAccumulator {
 
     /// Emits sums, bundles or partial states for the groups `emit_to` names and forgets them.
     fn emit(&mut self, emit_to: EmitTo, check_budget: bool) -> Result<ArrayRef> {
-        self.flush();
+        self.add_pending(0);
         let n = match emit_to {
             EmitTo::All => self.groups,
             EmitTo::First(n) => n,
@@ -943,18 +1292,14 @@ impl HeSumGroupsAccumulator {
             }
             taken.push((counts, bodies));
         }
-        let value_len = match self.output {
-            Output::Sum => self.parts[0].crypto.sum_len(),
-            Output::Bundle => MASK_BYTES + 64 * self.parts.len(),
-        };
-        let mut builder = LargeBinaryBuilder::with_capacity(n, n * value_len);
-        let mut buffer = Vec::with_capacity(value_len);
-        // Mask sums are read in place (no copy of every group's state) and released after.
-        let zeros = vec![0u64; N];
+        // Listed mask sums are small: the values' bytes are not known in advance.
+        let mut builder = LargeBinaryBuilder::with_capacity(n, 0);
+        let mut buffer = Vec::new();
+        let (mut shared_bytes, mut own_bytes) = (Vec::new(), vec![Vec::new(); self.parts.len()]);
         let mut mask = vec![0u64; N];
         let add = self.adder.kernels.add;
+        let adder = &self.adder;
         for g in 0..n {
-            let shared = self.shared.sums.get(g).unwrap_or(&zeros);
             buffer.clear();
             match self.output {
                 Output::Sum => {
@@ -963,37 +1308,68 @@ impl HeSumGroupsAccumulator {
                         builder.append_null();
                         continue;
                     }
-                    mask.copy_from_slice(shared);
-                    if let Some(own) = own_sum(part, g) {
-                        add(&mut mask, own);
+                    let own = part.own.as_ref();
+                    let coefficients =
+                        match (self.shared.sums.get(g), own.and_then(|o| o.sums.get(g))) {
+                            (None, None) => None,
+                            (Some(x), None) | (None, Some(x)) => Some(x),
+                            (Some(x), Some(y)) => {
+                                mask.copy_from_slice(x);
+                                add(&mut mask, y);
+                                Some(&mask[..])
+                            }
+                        };
+                    let mut rows: Vec<ListedRow> = self.shared.listed_rows(adder, g).collect();
+                    if let Some(own) = own {
+                        rows.extend(own.listed_rows(adder, g));
                     }
                     let bodies = &bodies[g * part.limbs..(g + 1) * part.limbs];
-                    write_sum(&part.crypto, counts[g], bodies, &mask, &mut buffer);
+                    write_sum(
+                        &part.crypto,
+                        counts[g],
+                        bodies,
+                        coefficients,
+                        &mut rows,
+                        &mut buffer,
+                    )?;
                 }
                 Output::Bundle => {
                     if taken.iter().all(|(counts, _)| counts[g] == 0) {
                         builder.append_null();
                         continue;
                     }
+                    shared_bytes.clear();
+                    self.shared.write(adder, g, &mut shared_bytes)?;
+                    let mut has_own = Vec::with_capacity(self.parts.len());
+                    for (part, out) in self.parts.iter().zip(&mut own_bytes) {
+                        out.clear();
+                        let own = part.own.as_ref().filter(|o| o.has(g));
+                        if let Some(own) = own {
+                            own.write(adder, g, out)?;
+                        }
+                        has_own.push(own.is_some());
+                    }
                     let parts: Vec<BundlePart<'_>> = self
                         .parts
                         .iter()
                         .zip(&taken)
-                        .map(|(part, (counts, bodies))| BundlePart {
+                        .zip(&own_bytes)
+                        .zip(has_own)
+                        .map(|(((part, (counts, bodies)), own), has_own)| BundlePart {
                             crypto: &part.crypto,
                             count: counts[g],
                             bodies: &bodies[g * part.limbs..(g + 1) * part.limbs],
-                            own: own_sum(part, g),
+                            own: has_own.then_some(&own[..]),
                         })
                         .collect();
-                    write_bundle(&parts, shared, &mut buffer);
+                    write_bundle(&parts, &shared_bytes, &mut buffer);
                 }
             }
             builder.append_value(&buffer);
         }
-        self.shared.sums.release(n);
+        self.shared.release(n);
         for own in self.parts.iter_mut().filter_map(|p| p.own.as_mut()) {
-            own.sums.release(n);
+            own.release(n);
         }
         Ok(Arc::new(builder.finish()))
     }
@@ -1030,9 +1406,13 @@ impl GroupsAccumulator for HeSumGroupsAccumulator {
         for (i, &group) in group_indices.iter().enumerate() {
             if states.is_valid(i) {
                 self.merge_state(states.value(i), group)?;
+                // States can bring many listed rows: keep what waits bounded.
+                if self.pending_rows() > PENDING_ROWS {
+                    self.add_pending(PENDING_ROWS);
+                }
             }
         }
-        self.flush();
+        self.add_pending(PENDING_ROWS);
         Ok(())
     }
 
@@ -1084,14 +1464,20 @@ impl GroupsAccumulator for HeSumGroupsAccumulator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::client::test_support::{encrypted_zeros, extracted_mask, sum_limb_phase};
+    use crate::crypto::client::test_support::{
+        encrypted_zeros, extracted_mask, mask_sum_coefficients, sum_limb_phase,
+    };
     use crate::crypto::keys::ClientKey;
     use tfhe::core_crypto::commons::math::random::RandomGenerator;
     use tfhe::core_crypto::prelude::DefaultRandomGenerator;
     use tfhe::core_crypto::seeders::new_seeder;
 
-    /// The accumulator's mask sums (runs by prefix sums, lone rows, any interleaving of groups)
-    /// equal the naive sum of the LWE masks tfhe extracts row by row.
+    /// Rows a group may list in the tests that try every way a mask sum can be kept: all
+    /// listed, none, and listed rows added into coefficients later (pending).
+    const MAX_LISTED: [usize; 3] = [LISTED_ROWS, 0, 50];
+
+    /// The accumulator's mask sums (runs by prefix sums, lone rows, any interleaving of groups,
+    /// listed rows) equal the naive sum of the LWE masks tfhe extracts row by row.
     #[test]
     fn mask_sums_equal_the_naive_sum_of_extracted_samples() {
         let key = ClientKey::generate();
@@ -1107,9 +1493,6 @@ mod tests {
             let run = 1 + (rng.random_uniform::<u64>() % 40) as usize;
             groups.extend(std::iter::repeat_n(group, run.min(rows - groups.len())));
         }
-        let mut acc = HeSumGroupsAccumulator::new(vec![("v".into(), crypto)]);
-        acc.update_batch(std::slice::from_ref(&cells), &groups, None, 7)
-            .unwrap();
         let mut naive = vec![vec![0u64; N]; 7];
         let mut masks = MaskGenerator::default();
         for (i, &g) in groups.iter().enumerate() {
@@ -1122,23 +1505,110 @@ mod tests {
                 *n = n.wrapping_add(m);
             }
         }
-        let sums = acc.evaluate(EmitTo::All).unwrap();
-        let sums = sums.as_binary::<i64>();
-        for (g, want) in naive.iter().enumerate() {
-            if !groups.contains(&g) {
-                assert!(sums.is_null(g));
-                continue;
+        for max_listed in MAX_LISTED {
+            let mut acc = HeSumGroupsAccumulator::new(vec![("v".into(), crypto)]);
+            acc.adder.max_listed = max_listed;
+            acc.update_batch(std::slice::from_ref(&cells), &groups, None, 7)
+                .unwrap();
+            let sums = acc.evaluate(EmitTo::All).unwrap();
+            let sums = sums.as_binary::<i64>();
+            for (g, want) in naive.iter().enumerate() {
+                if !groups.contains(&g) {
+                    assert!(sums.is_null(g));
+                    continue;
+                }
+                let sum = SumRef::parse(sums.value(g)).unwrap();
+                assert_eq!(
+                    sum.count as usize,
+                    groups.iter().filter(|&&x| x == g).count()
+                );
+                let mask = sum.inline_mask().unwrap();
+                assert_eq!(
+                    (mask.coefficients().is_some(), mask.listed().len() > 0),
+                    (
+                        max_listed < sum.count as usize,
+                        max_listed >= sum.count as usize
+                    ),
+                    "group {g} listed at most {max_listed}"
+                );
+                assert_eq!(&mask_sum_coefficients(&mask), want, "group {g}");
             }
-            let sum = SumRef::parse(sums.value(g)).unwrap();
-            assert_eq!(
-                sum.count as usize,
-                groups.iter().filter(|&&x| x == g).count()
-            );
-            assert_eq!(
-                &mask_words(sum.inline_mask().unwrap()).collect::<Vec<_>>(),
-                want,
-                "group {g}"
-            );
+        }
+    }
+
+    /// Partial states of every kind (listed rows, coefficients, both; rows of two mask
+    /// streams) merged in any order by an accumulator that lists few rows, emitted in two
+    /// steps (so listed rows wait to be added at the first), equal the naive sums; also when
+    /// its seed table is full and rows of a new stream must take coefficients at once.
+    #[test]
+    fn merged_states_of_every_kind_equal_the_naive_sums() {
+        let key = ClientKey::generate();
+        let rows = N + 700;
+        let (crypto, a) = encrypted_zeros(&key, rows);
+        let (_, b) = encrypted_zeros(&key, rows);
+        let cells = arrow::compute::concat(&[&a, &b]).unwrap();
+        let fixed = cells.as_fixed_size_binary();
+        let mut rng = RandomGenerator::<DefaultRandomGenerator>::new(new_seeder().seed());
+        let groups: Vec<usize> = (0..2 * rows)
+            .map(|_| (rng.random_uniform::<u64>() % 5) as usize)
+            .collect();
+        let mut naive = vec![vec![0u64; N]; 5];
+        let (mut bodies, mut counts) = ([0u64; 5], [0u64; 5]);
+        let mut masks = MaskGenerator::default();
+        for (i, &g) in groups.iter().enumerate() {
+            let cell = CellRef::parse(fixed.value(i), &crypto).unwrap();
+            for (n, m) in
+                naive[g]
+                    .iter_mut()
+                    .zip(extracted_mask(&mut masks, cell.seed(), cell.row()))
+            {
+                *n = n.wrapping_add(m);
+            }
+            bodies[g] = bodies[g].wrapping_add(cell.body(0));
+            counts[g] += 1;
+        }
+        // Three partial accumulators over interleaved slices, each keeping mask sums its way.
+        let mut states = Vec::new();
+        for (part, max_listed) in MAX_LISTED.into_iter().enumerate() {
+            let take: Vec<u32> = (part..2 * rows).step_by(3).map(|i| i as u32).collect();
+            let take = arrow::array::UInt32Array::from(take);
+            let slice = arrow::compute::take(&cells, &take, None).unwrap();
+            let slice_groups: Vec<usize> =
+                take.values().iter().map(|&i| groups[i as usize]).collect();
+            let mut acc = HeSumGroupsAccumulator::new(vec![("v".into(), crypto)]);
+            acc.adder.max_listed = max_listed;
+            acc.update_batch(&[slice], &slice_groups, None, 5).unwrap();
+            states.push(acc.state(EmitTo::All).unwrap().remove(0));
+        }
+        for max_seeds in [MAX_SEEDS, 1] {
+            let mut acc = HeSumGroupsAccumulator::new(vec![("v".into(), crypto)]);
+            (acc.adder.max_listed, acc.adder.max_seeds) = (900, max_seeds);
+            for state in states.iter().rev() {
+                acc.merge_batch(std::slice::from_ref(state), &[4, 3, 2, 1, 0], 5)
+                    .unwrap();
+            }
+            let first = acc.evaluate(EmitTo::First(2)).unwrap();
+            let rest = acc.evaluate(EmitTo::All).unwrap();
+            let sums: Vec<Vec<u8>> = [first, rest]
+                .iter()
+                .flat_map(|a| {
+                    let a = a.as_binary::<i64>();
+                    (0..a.len())
+                        .map(|i| a.value(i).to_vec())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            for (merged, bytes) in sums.iter().enumerate() {
+                let g = 4 - merged;
+                let sum = SumRef::parse(bytes).unwrap();
+                assert_eq!((sum.count, sum.body(0)), (counts[g], bodies[g]));
+                let mask = sum.inline_mask().unwrap();
+                assert_eq!(
+                    mask_sum_coefficients(&mask),
+                    naive[g],
+                    "group {g}, {max_seeds} seeds"
+                );
+            }
         }
     }
 
@@ -1162,8 +1632,6 @@ mod tests {
             weights.extend(std::iter::repeat_n(weight, run));
         }
         let weighted = weighted_cells(&crypto, fixed, &weights);
-        let mut acc = HeSumGroupsAccumulator::weighted(("v".into(), crypto));
-        acc.update_batch(&[weighted], &groups, None, 6).unwrap();
         let (mut mask, mut body, mut count) = (vec![vec![0u64; N]; 6], [0u64; 6], [0u64; 6]);
         let mut masks = MaskGenerator::default();
         for (i, (&g, &w)) in groups.iter().zip(&weights).enumerate() {
@@ -1179,20 +1647,23 @@ mod tests {
             let rows = (w.unsigned_abs() as u128).pow(2).clamp(1, u64::MAX as u128);
             count[g] = count[g].saturating_add(rows as u64);
         }
-        let states = acc.state(EmitTo::All).unwrap().remove(0);
-        let states = states.as_binary::<i64>();
-        for g in 0..6 {
-            if !groups.contains(&g) {
-                assert!(states.is_null(g));
-                continue;
+        for max_listed in MAX_LISTED {
+            let mut acc = HeSumGroupsAccumulator::weighted(("v".into(), crypto));
+            acc.adder.max_listed = max_listed;
+            acc.update_batch(std::slice::from_ref(&weighted), &groups, None, 6)
+                .unwrap();
+            let states = acc.state(EmitTo::All).unwrap().remove(0);
+            let states = states.as_binary::<i64>();
+            for g in 0..6 {
+                if !groups.contains(&g) {
+                    assert!(states.is_null(g));
+                    continue;
+                }
+                let sum = SumRef::parse(states.value(g)).unwrap();
+                assert_eq!((sum.count, sum.body(0)), (count[g], body[g]), "group {g}");
+                let got = mask_sum_coefficients(&sum.inline_mask().unwrap());
+                assert_eq!(got, mask[g], "group {g}, listed at most {max_listed}");
             }
-            let sum = SumRef::parse(states.value(g)).unwrap();
-            assert_eq!((sum.count, sum.body(0)), (count[g], body[g]), "group {g}");
-            assert_eq!(
-                mask_words(sum.inline_mask().unwrap()).collect::<Vec<_>>(),
-                mask[g],
-                "group {g}"
-            );
         }
         // A group of weight 2^40 uses 2^80 rows: over any budget, refused when evaluated.
         let mut acc = HeSumGroupsAccumulator::weighted(("v".into(), crypto));
@@ -1255,6 +1726,7 @@ mod tests {
             .collect();
         let state = |acc: &mut HeSumGroupsAccumulator, values: &ArrayRef, min_windows: usize| {
             acc.adder.dense.min_windows = min_windows;
+            acc.adder.max_listed = 0;
             acc.update_batch(std::slice::from_ref(values), &groups, None, 3)
                 .unwrap();
             let states = acc.state(EmitTo::All).unwrap().remove(0);

@@ -23,10 +23,8 @@ use datafusion::logical_expr::{
 };
 
 use super::{argument_marking, HeSumGroupsAccumulator, SingleGroup};
-use crate::crypto::cell::{
-    mask_words, write_sum, BundleRef, ColumnCrypto, ColumnKind, MAX_BUNDLE_PARTS,
-};
-use crate::crypto::params::POLYNOMIAL_SIZE as N;
+use crate::crypto::cell::{write_sum_on, BundleRef, ColumnCrypto, ColumnKind, MAX_BUNDLE_PARTS};
+use crate::crypto::mask_sum::write_mask_sum_of;
 
 /// Name of the fused aggregate, as plans show it.
 pub const HE_SUM_FUSED: &str = "he_sum_fused";
@@ -177,7 +175,7 @@ impl ScalarUDFImpl for HeSumPart {
             return internal_err!("{HE_SUM_PART} takes a bundle");
         };
         let mut builder = LargeBinaryBuilder::new();
-        let (mut mask, mut buffer) = (vec![0u64; N], Vec::new());
+        let (mut mask, mut buffer) = (Vec::new(), Vec::new());
         for bytes in bundles.iter() {
             let Some(bytes) = bytes else {
                 builder.append_null();
@@ -191,19 +189,16 @@ impl ScalarUDFImpl for HeSumPart {
                 builder.append_null();
                 continue;
             }
-            for (m, s) in mask.iter_mut().zip(mask_words(bundle.shared)) {
-                *m = s;
-            }
-            if let Some(own) = part.own {
-                for (m, o) in mask.iter_mut().zip(mask_words(own)) {
-                    *m = m.wrapping_add(o);
-                }
+            mask.clear();
+            match &part.own {
+                Some(own) => write_mask_sum_of(&bundle.shared, own, &mut mask)?,
+                None => mask.extend_from_slice(bundle.shared.bytes()),
             }
             let bodies: Vec<u64> = (0..part.crypto.spec.limbs as usize)
                 .map(|l| part.body(l))
                 .collect();
             buffer.clear();
-            write_sum(&part.crypto, part.count, &bodies, &mask, &mut buffer);
+            write_sum_on(&part.crypto, part.count, &bodies, &mask, &mut buffer);
             builder.append_value(&buffer);
         }
         let sums: ArrayRef = Arc::new(builder.finish());
@@ -298,7 +293,7 @@ mod tests {
     #[test]
     fn fused_sums_equal_each_columns_own_sum() {
         let key = ClientKey::generate();
-        let rows = 2 * N + 700;
+        let rows = 2 * crate::crypto::params::POLYNOMIAL_SIZE + 700;
         let cols = columns(&key, rows);
         let groups: Vec<usize> = (0..rows).map(|i| (i * 31 + i / 97) % 9).collect();
         let filter: BooleanArray = (0..rows).map(|i| Some(i % 11 != 4)).collect();

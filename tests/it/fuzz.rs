@@ -25,6 +25,7 @@ use hedf::crypto::answer::share_masks;
 use hedf::crypto::cell::{BundleRef, CellRef, ColumnMarking, SumRef};
 use hedf::crypto::client::decrypt_batch;
 use hedf::crypto::keys::ClientKey;
+use hedf::crypto::mask_sum::MaskSumRef;
 use hedf::protocol::{IngestMode, UploadOptions};
 use hedf::server::catalog::{Catalog, Tenant};
 use proptest::prelude::*;
@@ -232,6 +233,7 @@ fn sums_and_cells_from_a_server() {
         .run(&prop::collection::vec(any::<u8>(), 0..200), |bytes| {
             let _ = SumRef::parse(&bytes);
             let _ = BundleRef::parse(&bytes);
+            let _ = MaskSumRef::parse(&bytes);
             let _ = CellRef::parse(&bytes, &crypto);
             Ok(())
         })

@@ -730,15 +730,16 @@ async fn sixteen_readers_and_two_writers_at_once_all_exact() {
     );
 }
 
-/// Queries draw on one memory pool of `--memory-limit`: an aggregation whose he_sum states do
-/// not fit fails with RESOURCE_EXHAUSTED, and the server goes on answering, exactly.
+/// Queries draw on one memory pool of `--memory-limit`: 6,000 groups of one row each sum
+/// within 64 MiB (their mask sums list rows instead of holding 32 KiB each), a query that
+/// does not fit fails with RESOURCE_EXHAUSTED, and the server goes on answering, exactly.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_query_over_the_memory_limit_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--memory-limit", "64MiB"]);
     let mut alice = server.connect(ALICE).await;
 
-    // 6,000 groups of one row: 6,000 x 32 KiB of mask sums, three times the limit.
+    // 6,000 groups of one row: 6,000 x 32 KiB of mask sums would be three times the limit.
     let rows = 6_000;
     let cents: Vec<i128> = (0..rows as i128)
         .map(|i| (i * 7919) % 20_001 - 10_000)
@@ -771,8 +772,20 @@ async fn a_query_over_the_memory_limit_fails_alone() {
     .await
     .unwrap();
 
+    let (_, batches) = alice
+        .query("SELECT g, SUM(v) FROM wide GROUP BY g ORDER BY g")
+        .await
+        .unwrap();
+    let groups: Vec<Vec<Option<i128>>> = batches
+        .iter()
+        .flat_map(|b| values(&[decrypt_batch(key(), b).unwrap()], 1))
+        .collect();
+    let want: Vec<Vec<Option<i128>>> = cents.iter().map(|&c| vec![Some(c)]).collect();
+    assert_eq!(groups, want);
+
+    // 36 million values gathered in one array: far over the limit, and nothing spills them.
     let e = alice
-        .query("SELECT g, SUM(v) FROM wide GROUP BY g")
+        .query("SELECT array_agg(a.g) FROM wide a CROSS JOIN wide b")
         .await
         .unwrap_err();
     assert_eq!(e.kind(), hedf::ErrorKind::ResourceExhausted, "{e}");

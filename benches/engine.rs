@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Decimal128Array, RecordBatch, StringArray};
+use arrow::datatypes::DataType;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig};
 use hedf::crypto::answer::share_masks;
 use hedf::crypto::client::{decrypt_batch, Encryptor, MeasureColumn};
@@ -38,8 +39,8 @@ fn env_list(name: &str, default: usize) -> Vec<usize> {
         .unwrap_or_else(|| vec![default])
 }
 
-/// Rows sorted by (area, age): 76 clustered groups; `rnd2`, `rnd` and `rnd10k` are unclustered
-/// 2-, 76- and 10^4-way keys and `sel` a 100-way filter key. Generated one batch at a time, deterministically.
+/// Rows sorted by (area, age): 76 clustered groups; `rnd2`, `rnd`, `rnd10k` and `rnd100k` are
+/// unclustered 2-, 76-, 10^4- and 10^5-way keys and `sel` a 100-way filter key. Generated one batch at a time, deterministically.
 fn batches(rows: usize) -> impl Iterator<Item = RecordBatch> {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
@@ -67,6 +68,9 @@ fn batches(rows: usize) -> impl Iterator<Item = RecordBatch> {
         let rnd10k: StringArray = (0..len)
             .map(|_| Some(format!("k{:04}", next() % 10_000)))
             .collect();
+        let rnd100k: StringArray = (0..len)
+            .map(|_| Some(format!("k{:05}", next() % 100_000)))
+            .collect();
         let mut columns: Vec<(&str, ArrayRef)> = vec![
             ("area", Arc::new(area)),
             ("age", Arc::new(age)),
@@ -74,6 +78,7 @@ fn batches(rows: usize) -> impl Iterator<Item = RecordBatch> {
             ("sel", Arc::new(sel)),
             ("rnd2", Arc::new(rnd2)),
             ("rnd10k", Arc::new(rnd10k)),
+            ("rnd100k", Arc::new(rnd100k)),
         ];
         for m in MEASURES {
             let values =
@@ -215,6 +220,11 @@ async fn run_queries(key: &ClientKey, dir: &Path, rows: usize, partitions: usize
             "",
         ),
         (
+            "random GROUP BY rnd100k (10^5 groups)",
+            "GROUP BY rnd100k",
+            "",
+        ),
+        (
             "WHERE sel = 's07' (1%), GROUP BY area",
             "GROUP BY area",
             "WHERE sel = 's07'",
@@ -226,8 +236,15 @@ async fn run_queries(key: &ClientKey, dir: &Path, rows: usize, partitions: usize
         ),
     ];
     println!(
-        "{:<42} {:>12} {:>12} {:>8} {:>14} {:>12} {:>10}",
-        "query", "plaintext", "encrypted", "ratio", "ns/row/measure", "decrypt/val", "peak RSS"
+        "{:<42} {:>12} {:>12} {:>8} {:>14} {:>12} {:>10} {:>10}",
+        "query",
+        "plaintext",
+        "encrypted",
+        "ratio",
+        "ns/row/measure",
+        "decrypt/val",
+        "peak RSS",
+        "sent B/val"
     );
     for (name, group, filter) in cases {
         let keys = group.trim_start_matches("GROUP BY ");
@@ -252,6 +269,12 @@ async fn run_queries(key: &ClientKey, dir: &Path, rows: usize, partitions: usize
         let rss = peak_rss_mib();
         // What the server sends: a row's sums carry their shared mask once.
         let sent: Vec<RecordBatch> = result.iter().map(|b| share_masks(b).unwrap()).collect();
+        let sent_bytes: usize = sent
+            .iter()
+            .flat_map(|b| b.columns())
+            .filter(|c| c.data_type() == &DataType::LargeBinary)
+            .map(|c| c.to_data().buffers()[1].len())
+            .sum();
         let start = Instant::now();
         let decrypted: Vec<RecordBatch> = sent
             .iter()
@@ -266,13 +289,14 @@ async fn run_queries(key: &ClientKey, dir: &Path, rows: usize, partitions: usize
             "{name}: decrypted sums differ from plaintext SUM"
         );
         println!(
-            "{name:<42} {:>10.1}ms {:>10.1}ms {:>7.1}x {:>14.1} {:>10.2}us {:>7.0}MiB",
+            "{name:<42} {:>10.1}ms {:>10.1}ms {:>7.1}x {:>14.1} {:>10.2}us {:>7.0}MiB {:>10}",
             plain_time.as_secs_f64() * 1e3,
             enc_time.as_secs_f64() * 1e3,
             enc_time.as_secs_f64() / plain_time.as_secs_f64(),
             enc_time.as_nanos() as f64 / values as f64,
             per_value.as_secs_f64() * 1e6,
-            rss
+            rss,
+            sent_bytes / (groups * MEASURES.len())
         );
     }
     let (_, result) = time_query(&ctx, "SELECT area, he_sum(m1) FROM enc GROUP BY area", 1).await;

@@ -512,10 +512,11 @@ fn decrypt_sum_with(
     Ok(spec.join(&limb_sums))
 }
 
-/// Chunks with fewer listed rows than this (in one batch of [`LISTED_WINDOW`]) take each
-/// row's inner product directly (N multiply-adds per key) rather than one FFT product per key.
-const DIRECT_BELOW: usize = 16;
-/// Listed rows decrypted together (24 bytes each): bounds the client's memory per column.
+/// Chunks with fewer listed rows than this take each row's inner product directly (N
+/// multiply-adds per key, about 2 us) rather than one product per key (three FFTs of the
+/// mask's digits back, about 100 us).
+const DIRECT_BELOW: usize = 48;
+/// Listed rows decrypted together (24 bytes each): bounds the client's memory per batch.
 const LISTED_WINDOW: usize = 1 << 22;
 
 /// For each mask sum of `masks`, per slot key, `<mask sum of its listed rows, key>`: the
@@ -526,42 +527,74 @@ const LISTED_WINDOW: usize = 1 << 22;
 /// regeneration and one exact FFT product per key ([`MaskProduct`]), then one
 /// multiply-add per row and key; a chunk of a few rows takes their inner products directly.
 fn listed_phases(keys: &[GlweSecretKeyOwned<u64>], masks: &[Option<MaskSumRef<'_>>]) -> Vec<u64> {
-    listed_phases_with(keys, masks, DIRECT_BELOW)
+    listed_phases_with(keys, masks, DIRECT_BELOW, LISTED_WINDOW)
 }
 
 fn listed_phases_with(
     keys: &[GlweSecretKeyOwned<u64>],
     masks: &[Option<MaskSumRef<'_>>],
     direct_below: usize,
+    window: usize,
 ) -> Vec<u64> {
     let mut phases = vec![0u64; masks.len() * keys.len()];
     let mut seeds: HashMap<u128, u64> = HashMap::new();
-    let mut rows: Vec<ListedKey> = Vec::new();
-    let mut chunks = ChunkPhases::new(keys);
-    for (index, mask) in masks.iter().enumerate() {
-        let mut last: Option<(u128, u64)> = None;
-        for r in mask.iter().flat_map(|m| m.listed()) {
-            // A mask sum's rows come sorted by seed: the last one usually matches.
-            let seed = match last {
-                Some((s, i)) if s == r.seed => i,
-                _ => {
-                    let next = seeds.len() as u64;
-                    let i = *seeds.entry(r.seed).or_insert(next);
-                    last = Some((r.seed, i));
-                    i
-                }
-            };
-            rows.push(ListedKey {
-                key: seed << ROW_BITS | r.row,
-                weight: r.weight,
-                mask: index as u32,
-            });
+    // Every listed row as (key, weight, mask index), keys numbered by seed on first sight
+    // (the same numbering on every pass).
+    let for_each_row = |seeds: &mut HashMap<u128, u64>, f: &mut dyn FnMut(ListedKey)| {
+        for (index, mask) in masks.iter().enumerate() {
+            let mut last: Option<(u128, u64)> = None;
+            for r in mask.iter().flat_map(|m| m.listed()) {
+                // A mask sum's rows come sorted by seed: the last one usually matches.
+                let seed = match last {
+                    Some((s, i)) if s == r.seed => i,
+                    _ => {
+                        let next = seeds.len() as u64;
+                        let i = *seeds.entry(r.seed).or_insert(next);
+                        last = Some((r.seed, i));
+                        i
+                    }
+                };
+                f(ListedKey {
+                    key: seed << ROW_BITS | r.row,
+                    weight: r.weight,
+                    mask: index as u32,
+                });
+            }
         }
-        if rows.len() >= LISTED_WINDOW {
-            chunks.add(&mut rows, &seeds, &mut phases, direct_below);
+    };
+    let chunk_of = |key: u64| key / POLYNOMIAL_SIZE as u64;
+    let total: usize = masks.iter().flatten().map(|m| m.listed().len()).sum();
+    // Ranges of chunks of at most `window` rows each, so no chunk's products are computed
+    // twice: one range unless the answer lists more rows than that.
+    let mut ranges = vec![(0, u64::MAX)];
+    if total > window {
+        let mut counts: HashMap<u64, usize> = HashMap::new();
+        for_each_row(&mut seeds, &mut |r| {
+            *counts.entry(chunk_of(r.key)).or_default() += 1
+        });
+        let mut counts: Vec<(u64, usize)> = counts.into_iter().collect();
+        counts.sort_unstable();
+        ranges.clear();
+        let (mut start, mut rows) = (0, 0);
+        for (chunk, n) in counts {
+            if rows > 0 && rows + n > window {
+                ranges.push((start, chunk));
+                (start, rows) = (chunk, 0);
+            }
+            rows += n;
         }
+        ranges.push((start, u64::MAX));
     }
-    chunks.add(&mut rows, &seeds, &mut phases, direct_below);
+    let mut chunks = ChunkPhases::new(keys);
+    let mut rows: Vec<ListedKey> = Vec::with_capacity(total.min(window));
+    for (start, end) in ranges {
+        for_each_row(&mut seeds, &mut |r| {
+            if (start..end).contains(&chunk_of(r.key)) {
+                rows.push(r);
+            }
+        });
+        chunks.add(&mut rows, &seeds, &mut phases, direct_below);
+    }
     phases
 }
 
@@ -1009,8 +1042,9 @@ mod tests {
     use super::*;
     use arrow::array::Int64Array;
 
-    /// Listed rows' inner products with a key, by FFT product per chunk and directly, equal
-    /// the inner products of the masks tfhe extracts, with weights and two mask streams.
+    /// Listed rows' inner products with a key, by FFT product per chunk and directly, in one
+    /// pass or in windows of a few chunks, equal the inner products of the masks tfhe
+    /// extracts, with weights and two mask streams.
     #[test]
     fn listed_phases_equal_the_inner_products_of_extracted_masks() {
         use super::test_support::extracted_mask;
@@ -1042,12 +1076,12 @@ mod tests {
                 })
             })
             .collect();
-        for direct_below in [0, usize::MAX] {
-            let got = listed_phases_with(&keys, &[None, Some(mask)], direct_below);
+        for (direct_below, window) in [(0, usize::MAX), (usize::MAX, usize::MAX), (0, 7)] {
+            let got = listed_phases_with(&keys, &[None, Some(mask)], direct_below, window);
             assert_eq!(
                 got,
                 [vec![0, 0], want.clone()].concat(),
-                "direct below {direct_below}"
+                "direct below {direct_below}, window {window}"
             );
         }
     }

@@ -92,15 +92,19 @@ pub fn share_masks(batch: &RecordBatch) -> Result<RecordBatch> {
 /// Finds the mask of a sum in a batch, following a mask-sharing sum to its carrier.
 pub struct MaskResolver<'a> {
     batch: &'a RecordBatch,
-    /// Carriers' checks by (row, column), each hashed once however many sums share it.
-    checks: RefCell<HashMap<(usize, usize), [u8; CHECK_BYTES]>>,
+    /// Carriers by (row, column), each parsed and hashed once however many sums share it
+    /// (`None`: not a full sum there).
+    carriers: RefCell<HashMap<(usize, usize), Option<Carrier<'a>>>>,
 }
+
+/// A carrier's mask sum and its check.
+type Carrier<'a> = (MaskSumRef<'a>, [u8; CHECK_BYTES]);
 
 impl<'a> MaskResolver<'a> {
     pub fn new(batch: &'a RecordBatch) -> Self {
         MaskResolver {
             batch,
-            checks: RefCell::default(),
+            carriers: RefCell::default(),
         }
     }
 
@@ -110,32 +114,27 @@ impl<'a> MaskResolver<'a> {
             SumMask::Inline(mask) => return Ok(mask),
             SumMask::InColumn(c, check) => (c as usize, check),
         };
-        let missing = || {
-            HedfError::Malformed(format!(
+        let found = *self
+            .carriers
+            .borrow_mut()
+            .entry((row, carrier))
+            .or_insert_with(|| {
+                let array = self.batch.columns().get(carrier)?.as_binary_opt::<i64>()?;
+                if !array.is_valid(row) {
+                    return None;
+                }
+                match SumRef::parse(array.value(row)).ok()?.mask {
+                    SumMask::Inline(mask) => Some((mask, mask.check())),
+                    SumMask::InColumn(..) => None,
+                }
+            });
+        match found {
+            Some((mask, carried)) if carried[..] == *check => Ok(mask),
+            _ => Err(HedfError::Malformed(format!(
                 "column {column:?}: its sum shares the mask of column {carrier} of the answer, \
                  which is not that sum there (columns dropped or reordered); keep the answer's \
                  columns together to decrypt it"
-            ))
-        };
-        let array = self
-            .batch
-            .columns()
-            .get(carrier)
-            .and_then(|a| a.as_binary_opt::<i64>())
-            .filter(|a| a.is_valid(row))
-            .ok_or_else(missing)?;
-        match SumRef::parse(array.value(row)).map(|s| s.mask) {
-            Ok(SumMask::Inline(mask))
-                if self
-                    .checks
-                    .borrow_mut()
-                    .entry((row, carrier))
-                    .or_insert_with(|| mask.check())[..]
-                    == *check =>
-            {
-                Ok(mask)
-            }
-            _ => Err(missing()),
+            ))),
         }
     }
 }

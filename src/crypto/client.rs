@@ -23,7 +23,7 @@ use crate::crypto::cell::{
 };
 use crate::crypto::encoding::{parse_decimal, precision_limit, MeasureSpec, MAX_PRECISION};
 use crate::crypto::glwe::{ChunkEncryptor, FourierKeys};
-use crate::crypto::keys::{ClientKey, KeyId};
+use crate::crypto::keys::{wipe, ClientKey, KeyId, SlotKey};
 use crate::crypto::mask::MaskGenerator;
 use crate::crypto::mask_sum::{MaskSumRef, MAX_LISTED_ROW, ROW_BITS};
 use crate::crypto::params::{DEFAULT_MAX_ROWS_PER_SUM, GLWE_DIMENSION, POLYNOMIAL_SIZE};
@@ -426,7 +426,7 @@ fn decode(phase: u64, log2_delta: u8) -> i64 {
 }
 
 /// The secret keys of a column's slots, derived once per column.
-fn column_keys(key: &ClientKey, crypto: &ColumnCrypto) -> Vec<GlweSecretKeyOwned<u64>> {
+fn column_keys(key: &ClientKey, crypto: &ColumnCrypto) -> Vec<SlotKey> {
     (0..crypto.spec.limbs as u16)
         .map(|l| key.slot_key(crypto.slot + l))
         .collect()
@@ -469,7 +469,7 @@ pub fn decrypt_sum(
 /// rows' `<mask, key>` (see [`listed_phases`]) at hand.
 fn decrypt_sum_with(
     key: &ClientKey,
-    slot_keys: &[GlweSecretKeyOwned<u64>],
+    slot_keys: &[SlotKey],
     sum: &SumRef<'_>,
     mask: MaskSumRef<'_>,
     listed: &[u64],
@@ -526,12 +526,12 @@ const LISTED_WINDOW: usize = 1 << 22;
 /// the rows of all the mask sums are taken in chunk order, and each chunk costs one mask
 /// regeneration and one exact FFT product per key ([`MaskProduct`]), then one
 /// multiply-add per row and key; a chunk of a few rows takes their inner products directly.
-fn listed_phases(keys: &[GlweSecretKeyOwned<u64>], masks: &[Option<MaskSumRef<'_>>]) -> Vec<u64> {
+fn listed_phases(keys: &[SlotKey], masks: &[Option<MaskSumRef<'_>>]) -> Vec<u64> {
     listed_phases_with(keys, masks, DIRECT_BELOW, LISTED_WINDOW)
 }
 
 fn listed_phases_with(
-    keys: &[GlweSecretKeyOwned<u64>],
+    keys: &[SlotKey],
     masks: &[Option<MaskSumRef<'_>>],
     direct_below: usize,
     window: usize,
@@ -607,14 +607,29 @@ struct ListedKey {
 
 /// What [`listed_phases`] needs per chunk: the mask, its products with the keys.
 struct ChunkPhases<'k> {
-    keys: &'k [GlweSecretKeyOwned<u64>],
+    keys: &'k [SlotKey],
     product: Option<(MaskProduct, Vec<FourierPolynomialOwned>)>,
     generator: MaskGenerator,
     products: Vec<Vec<u64>>,
 }
 
+impl Drop for ChunkPhases<'_> {
+    /// `a * s` with a public `a` gives `s` away: the products and the keys' transforms are
+    /// wiped.
+    fn drop(&mut self) {
+        for product in &mut self.products {
+            wipe(product);
+        }
+        if let Some((_, transformed)) = &mut self.product {
+            for key in transformed {
+                wipe(&mut key.data);
+            }
+        }
+    }
+}
+
 impl<'k> ChunkPhases<'k> {
-    fn new(keys: &'k [GlweSecretKeyOwned<u64>]) -> Self {
+    fn new(keys: &'k [SlotKey]) -> Self {
         ChunkPhases {
             keys,
             product: None,
@@ -708,7 +723,7 @@ pub(crate) fn sum_phase(secret: &GlweSecretKeyOwned<u64>, lwe: &mut [u64], body:
 
 /// Decrypts single cells of one column, regenerating each chunk's mask once.
 struct CellDecryptor {
-    slot_keys: Vec<GlweSecretKeyOwned<u64>>,
+    slot_keys: Vec<SlotKey>,
     masks: MaskGenerator,
     chunk: Option<(u128, u64)>,
     /// The (seed, row) whose sample `lwe` holds: a cell's limbs share it, so it is extracted

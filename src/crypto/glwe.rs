@@ -19,6 +19,7 @@ use tfhe::core_crypto::fft_impl::fft64::math::polynomial::FourierPolynomialOwned
 use tfhe::core_crypto::prelude::*;
 use tfhe::core_crypto::seeders::new_seeder;
 
+use crate::crypto::keys::{wipe, SlotKey};
 use crate::crypto::mask::MaskGenerator;
 use crate::crypto::params::{NOISE_STD_DEV, POLYNOMIAL_SIZE};
 use crate::crypto::product::MaskProduct;
@@ -28,9 +29,17 @@ pub struct FourierKeys {
     keys: Vec<FourierPolynomialOwned>,
 }
 
+impl Drop for FourierKeys {
+    fn drop(&mut self) {
+        for key in &mut self.keys {
+            wipe(&mut key.data);
+        }
+    }
+}
+
 impl FourierKeys {
     /// `keys`: one GLWE secret key per body slot, in slot order.
-    pub fn new(keys: &[GlweSecretKeyOwned<u64>]) -> Self {
+    pub(crate) fn new(keys: &[SlotKey]) -> Self {
         let mut product = MaskProduct::default();
         let keys = keys.iter().map(|k| product.transform(k.as_ref())).collect();
         FourierKeys { keys }

@@ -69,8 +69,32 @@ impl fmt::Debug for ClientKey {
 impl Drop for ClientKey {
     fn drop(&mut self) {
         // Best effort: the master does not outlive the key in this struct.
-        self.master.fill(0);
-        std::hint::black_box(&self.master);
+        wipe(&mut self.master);
+    }
+}
+
+/// Overwrites secret words with zeros, in a way the optimiser keeps. Best effort: copies
+/// made by tfhe's generators, FFT scratch or the allocator are out of reach.
+pub(crate) fn wipe<T: Default + Copy>(secret: &mut [T]) {
+    secret.fill(T::default());
+    std::hint::black_box(&*secret);
+}
+
+/// The binary GLWE secret key of one body slot (derived from the master, see
+/// [`ClientKey::slot_key`]), wiped when dropped.
+pub(crate) struct SlotKey(GlweSecretKeyOwned<u64>);
+
+impl std::ops::Deref for SlotKey {
+    type Target = GlweSecretKeyOwned<u64>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for SlotKey {
+    fn drop(&mut self) {
+        wipe(self.0.as_mut());
     }
 }
 
@@ -118,15 +142,16 @@ impl ClientKey {
 
     /// The binary GLWE secret key of body slot `slot`, drawn by tfhe's secret generator from a
     /// seed only the master determines.
-    pub(crate) fn slot_key(&self, slot: u16) -> GlweSecretKeyOwned<u64> {
-        let seed = self.prf(SLOT_KEY_DOMAIN, &slot.to_le_bytes());
-        let seed = u128::from_le_bytes(seed[..16].try_into().expect("16 of 32 bytes"));
+    pub(crate) fn slot_key(&self, slot: u16) -> SlotKey {
+        let mut prf = self.prf(SLOT_KEY_DOMAIN, &slot.to_le_bytes());
+        let seed = u128::from_le_bytes(prf[..16].try_into().expect("16 of 32 bytes"));
+        wipe(&mut prf);
         let mut generator = SecretRandomGenerator::<DefaultRandomGenerator>::new(Seed(seed));
-        allocate_and_generate_new_binary_glwe_secret_key(
+        SlotKey(allocate_and_generate_new_binary_glwe_secret_key(
             GlweDimension(GLWE_DIMENSION),
             PolynomialSize(POLYNOMIAL_SIZE),
             &mut generator,
-        )
+        ))
     }
 
     /// A keyed tag (HMAC-SHA256, truncated to 128 bits) of public bytes, e.g. a column's
@@ -326,6 +351,15 @@ mod tests {
             hex,
             "55da1602ed5e2de2726e78f0eb8973a1d949e903b1306ab4c94e5f3a065c8a67"
         );
+    }
+
+    /// What a slot key's drop runs leaves only zeros.
+    #[test]
+    fn wiping_a_slot_key_leaves_zeros() {
+        let mut key = ClientKey::generate().slot_key(1);
+        assert!(key.as_ref().contains(&1));
+        wipe(key.0.as_mut());
+        assert!(key.as_ref().iter().all(|&b| b == 0));
     }
 
     #[test]

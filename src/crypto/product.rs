@@ -17,6 +17,7 @@ use tfhe::core_crypto::fft_impl::fft64::math::fft::Fft;
 use tfhe::core_crypto::fft_impl::fft64::math::polynomial::FourierPolynomialOwned;
 use tfhe::core_crypto::prelude::*;
 
+use crate::crypto::keys::wipe;
 use crate::crypto::params::POLYNOMIAL_SIZE;
 
 /// The mask is split into digits of this many bits ("digits", not "limbs": limbs are the
@@ -59,6 +60,15 @@ impl Default for MaskProduct {
             fourier: FourierPolynomialOwned::new(size),
             product: vec![0; POLYNOMIAL_SIZE],
         }
+    }
+}
+
+impl Drop for MaskProduct {
+    /// A product with a secret key is secret (`a * s` with a public `a` gives `s` away).
+    fn drop(&mut self) {
+        wipe(&mut self.product);
+        wipe(&mut self.fourier.data);
+        wipe(&mut self.small.data);
     }
 }
 
